@@ -1,0 +1,1 @@
+"""signserve's shared core: architectures, preprocessing, checkpoint format, class names and CNN math."""

@@ -1,0 +1,99 @@
+"""The two classifiers: our GTSRB CNN and torchvision's ResNet18 with a new 43-way head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.classes import NUM_CLASSES
+
+ARCHITECTURES = ("cnn", "resnet18")
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for and cannot be had; we never fall back to random weights."""
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    # bias=False: BatchNorm's shift makes a conv bias redundant.
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class SignCNN(nn.Module):
+    """A VGG-style CNN sized for 32x32 GTSRB crops (about 0.3 M parameters, 1.2 MB in fp32).
+
+    Why these layers:
+    - three stages of two 3x3 convs (widths 32, 64, 128): two stacked 3x3s see 5x5 at the cost of
+      18 weights per channel pair instead of 25, with a ReLU in between;
+    - 2x2 max-pool after each stage, 32 -> 16 -> 8 -> 4: after the third stage one unit sees 36 px,
+      more than the whole 32 px crop, so the last stage reasons about the complete sign;
+    - BatchNorm after every conv: trains fast at high learning rates with a one-cycle schedule;
+    - the 4x4x128 map is flattened, not globally pooled, because where a shape sits matters
+      ("turn left" and "turn right" differ only in layout);
+    - dropout before the single linear head: the training set holds ~860 physical signs seen in
+      ~30 frames each, so it is far smaller than its 25k images suggest.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = (32, 64, 128)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for width in widths:
+            layers += _conv_bn_relu(c_in, width) + _conv_bn_relu(width, width) + [nn.MaxPool2d(2)]
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(c_in * 4 * 4, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _imagenet_resnet18(weights_path: str | None) -> nn.Module:
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise PretrainedWeightsUnavailable(f"weights file not found: {path}")
+        model = resnet18(weights=None)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        return model
+    try:
+        return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
+    except Exception as exc:  # URLError, socket errors, hash mismatch...
+        raise PretrainedWeightsUnavailable(
+            "could not download torchvision's ResNet18_Weights.IMAGENET1K_V1 "
+            f"({type(exc).__name__}: {exc}). On a machine with internet run "
+            "`python -c \"from torchvision.models import resnet18, ResNet18_Weights; "
+            "resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)\"` and copy "
+            "~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth here, then pass "
+            "--weights PATH; or pass --start-weights random to train from scratch on purpose."
+        ) from exc
+
+
+def build_model(architecture: str, num_classes: int = NUM_CLASSES, start_weights: str = "random",
+                weights_path: str | None = None) -> nn.Module:
+    """Build an architecture. `start_weights` is "random" or "imagenet" (resnet18 only)."""
+    if architecture == "cnn":
+        if start_weights != "random":
+            raise ValueError("the cnn has no pretrained weights; use start_weights='random'")
+        return SignCNN(num_classes)
+    if architecture == "resnet18":
+        from torchvision.models import resnet18
+
+        if start_weights == "imagenet":
+            model = _imagenet_resnet18(weights_path)
+        elif start_weights == "random":
+            model = resnet18(weights=None)
+        else:
+            raise ValueError(f"unknown start_weights {start_weights!r}; expected 'random' or 'imagenet'")
+        model.fc = nn.Linear(model.fc.in_features, num_classes)  # the new 43-way head
+        return model
+    raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

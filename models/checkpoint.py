@@ -1,0 +1,195 @@
+"""The checkpoint format, written by training and read by serving and evaluation.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(weights_only=True)`: a file that smuggles arbitrary pickled objects is refused.
+
+    {
+      "format": "signserve-checkpoint", "format_version": 1,
+      "architecture": "cnn" | "resnet18",
+      "class_names": [43 str],
+      "preprocessing": Preprocessing.to_dict(),
+      "start_weights": "random" | "imagenet" | "imagenet:<file>",
+      "epochs_completed": int,
+      "metrics": [{"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}, ...],
+      "train_args": {flag: value},
+      "data": {"root", "train_samples", "test_samples", ...},
+      "state_dict": {name: tensor},   # floating tensors may be stored in fp16 to halve the file
+    }
+
+Files are written atomically: a temp file in the same directory, fsync, then rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.architectures import build_model, count_parameters
+from models.preprocessing import Preprocessing
+
+FORMAT = "signserve-checkpoint"
+FORMAT_VERSION = 1
+METRIC_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")
+REQUIRED_KEYS = ("format", "format_version", "architecture", "class_names", "preprocessing", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """The file is not a loadable signserve checkpoint (unsafe, corrupt or of another format)."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file beside `path`, fsync, rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only=True; anything else than plain data raises CheckpointError."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"refusing to load {path}: not a safe checkpoint ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def make_checkpoint(model: nn.Module, *, architecture: str, class_names: list[str], preprocessing: Preprocessing,
+                    start_weights: str, metrics: list[dict], train_args: dict, data: dict,
+                    half: bool = False) -> dict:
+    state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "class_names": list(class_names),
+        "preprocessing": preprocessing.to_dict(),
+        "start_weights": start_weights,
+        "epochs_completed": len(metrics),
+        "metrics": [dict(m) for m in metrics],
+        "train_args": dict(train_args),
+        "data": dict(data),
+        "state_dict": state,
+    }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint turned into a ready, eval-mode model on its device, with its metadata."""
+
+    name: str
+    model: nn.Module
+    architecture: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    start_weights: str
+    metrics: list[dict]
+    train_args: dict
+    data: dict
+    sha256: str
+    path: Path
+    device: torch.device
+    parameters: int = field(default=0)
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.metrics[-1]["test_accuracy"] if self.metrics else None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate(ckpt: dict, path: str | os.PathLike) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a signserve checkpoint (missing {missing or ['format']})")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {ckpt['format_version']} is newer than this code "
+                              f"understands ({FORMAT_VERSION})")
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", name: str | None = None) -> LoadedModel:
+    """Load, check and instantiate a checkpoint; the model is in eval mode, fp32, on `device`."""
+    path = Path(path)
+    ckpt = safe_load(path)
+    validate(ckpt, path)
+    model = build_model(ckpt["architecture"], num_classes=len(ckpt["class_names"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit architecture {ckpt['architecture']!r}: {exc}") from exc
+    device = torch.device(device)
+    model.to(device).eval()
+    return LoadedModel(
+        name=name or path.stem,
+        model=model,
+        architecture=ckpt["architecture"],
+        class_names=list(ckpt["class_names"]),
+        preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
+        start_weights=ckpt.get("start_weights", "unknown"),
+        metrics=list(ckpt.get("metrics", [])),
+        train_args=dict(ckpt.get("train_args", {})),
+        data=dict(ckpt.get("data", {})),
+        sha256=file_sha256(path),
+        path=path,
+        device=device,
+        parameters=count_parameters(model),
+    )
+
+
+def metrics_csv(metrics: list[dict]) -> str:
+    """The per-epoch metrics as CSV text with the fixed METRIC_FIELDS columns."""
+    lines = [",".join(METRIC_FIELDS)]
+    for m in metrics:
+        lines.append(",".join(f"{m[k]:.6f}" if isinstance(m[k], float) else str(m[k]) for k in METRIC_FIELDS))
+    return "\n".join(lines) + "\n"

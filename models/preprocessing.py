@@ -1,0 +1,60 @@
+"""The one preprocessing: image -> fixed-size uint8 tensor -> normalised float batch.
+
+Training (dataset cache, evaluation) and serving both call these two functions, and every checkpoint
+stores its `Preprocessing` so a served model sees its inputs exactly as it saw them in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# Per-channel statistics of the GTSRB training images after resizing to 32x32, in [0, 1] units
+# (measured with `python -m training.data --stats`). Close enough for any input size.
+GTSRB_MEAN: tuple[float, float, float] = (0.3433, 0.3151, 0.3253)
+GTSRB_STD: tuple[float, float, float] = (0.2759, 0.2646, 0.2706)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    input_size: int = 32
+    mean: tuple[float, float, float] = GTSRB_MEAN
+    std: tuple[float, float, float] = GTSRB_STD
+    interpolation: str = "bilinear"  # PIL resample filter used to reach input_size x input_size
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(
+            input_size=int(d["input_size"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            interpolation=str(d["interpolation"]),
+        )
+
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
+    """A PIL image in any mode -> uint8 tensor [3, S, S]: EXIF orientation applied, RGB, resized."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette images may carry transparency; go through RGBA
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image = image.resize((pre.input_size, pre.input_size), _RESAMPLE[pre.interpolation])
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(batch: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, 3, S, S] (any device) -> normalised float [N, 3, S, S] on the same device."""
+    mean = torch.tensor(pre.mean, device=batch.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=batch.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    return (batch.to(dtype) - mean) / std

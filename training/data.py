@@ -1,0 +1,112 @@
+"""GTSRB decoded once into uint8 tensors (optionally cached on disk), so no epoch decodes a PPM again.
+
+    python -m training.data --data-root ../shared/data --input-size 32      # build the caches
+    python -m training.data --stats                                          # channel mean / std
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.checkpoint import atomic_save, safe_load
+from models.preprocessing import Preprocessing, image_to_uint8
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "gtsrb"
+
+
+def default_data_root() -> str:
+    """$GTSRB_ROOT, else ../shared/data next to the project (the folder that holds `gtsrb/`)."""
+    return os.environ.get("GTSRB_ROOT") or str(PROJECT_ROOT.parent / "shared" / "data")
+
+
+@dataclass
+class TensorSplit:
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None, seed: int = 0) -> "TensorSplit":
+        """A class-mixed random subset of n samples (all when n is None or too large)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return TensorSplit(self.images[idx], self.labels[idx])
+
+
+def list_samples(root: str, split: str) -> list[tuple[str, int]]:
+    """(path, class id) pairs exactly as torchvision's GTSRB reader finds them."""
+    from torchvision.datasets import GTSRB
+
+    try:
+        dataset = GTSRB(root=root, split=split, download=False)
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"no GTSRB {split} split under {root!r} (expected {root}/gtsrb/GTSRB/...). "
+            "Set --data-root or GTSRB_ROOT to the folder that holds gtsrb/.") from exc
+    return [(str(p), int(c)) for p, c in dataset._samples]
+
+
+def _decode(args: tuple[str, Preprocessing]) -> np.ndarray:
+    path, pre = args
+    with Image.open(path) as image:
+        # numpy, not torch: tensors cross process boundaries as shared-memory file descriptors
+        return image_to_uint8(image, pre).numpy()
+
+
+def _cache_key(samples: list[tuple[str, int]], pre: Preprocessing) -> str:
+    h = hashlib.sha256(repr(pre.to_dict()).encode())
+    for path, label in samples:
+        h.update(f"{path}:{label}:{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def load_split(root: str, split: str, pre: Preprocessing, cache_dir: Path | None = DEFAULT_CACHE_DIR,
+               workers: int | None = None) -> TensorSplit:
+    """Decode a whole split with the shared preprocessing; reuse the on-disk cache when it matches."""
+    samples = list_samples(root, split)
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"{split}-{pre.input_size}-{_cache_key(samples, pre)}.pt"
+        if cache.is_file():
+            blob = safe_load(cache)
+            return TensorSplit(blob["images"], blob["labels"])
+    workers = workers or min(4, os.cpu_count() or 1)
+    jobs = [(p, pre) for p, _ in samples]
+    with ProcessPoolExecutor(workers) as pool:
+        images = torch.from_numpy(np.stack(list(pool.map(_decode, jobs, chunksize=256))))
+    labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
+    if cache is not None:
+        atomic_save({"images": images, "labels": labels}, cache)
+    return TensorSplit(images, labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=default_data_root())
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--stats", action="store_true", help="print the train split's channel mean and std")
+    args = parser.parse_args()
+    pre = Preprocessing(input_size=args.input_size)
+    for split in ("train", "test"):
+        data = load_split(args.data_root, split, pre)
+        print(f"{split}: {tuple(data.images.shape)} images, {int(data.labels.max()) + 1} classes")
+        if args.stats and split == "train":
+            x = data.images.float() / 255
+            print("mean", [round(v, 4) for v in x.mean((0, 2, 3)).tolist()],
+                  "std", [round(v, 4) for v in x.std((0, 2, 3)).tolist()])
+
+
+if __name__ == "__main__":
+    main()

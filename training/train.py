@@ -1,0 +1,361 @@
+"""Train a GTSRB classifier; every epoch logs train and test cross-entropy and accuracy.
+
+    python -m training.train --model cnn
+    python -m training.train --model resnet18 --start-weights imagenet        # needs internet once
+    python -m training.train --model resnet18 --weights resnet18-f37072fd.pth # local ImageNet weights
+    torchrun --nproc-per-node 4 -m training.train --model resnet18 ...        # DDP, one process per GPU
+
+Outputs, next to --output (default $CHECKPOINT_DIR/<model>.pt or models/checkpoints/<model>.pt):
+  <name>.pt           servable checkpoint (models/checkpoint.py), rewritten atomically after each epoch
+  <name>.metrics.csv  epoch,train_loss,train_accuracy,test_loss,test_accuracy,seconds
+  <name>.log          every line this script printed, appended across resumed runs
+  <name>.state.pt     optimizer/scheduler/RNG state for --resume
+
+On SIGUSR1 or SIGTERM (Slurm's warning before the time limit, preemption) the run stops at the next
+batch, keeps the state of the last completed epoch and exits with EXIT_PREEMPTED (99); the same
+command with --resume continues at the next epoch, so no epoch is lost or logged twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.architectures import ARCHITECTURES, PretrainedWeightsUnavailable, build_model, count_parameters
+from models.checkpoint import (CheckpointError, atomic_save, atomic_write_text, make_checkpoint, metrics_csv,
+                               safe_load, unwrap)
+from models.classes import CLASS_NAMES
+from models.preprocessing import Preprocessing, normalize
+from training.augment import augment
+from training.data import default_data_root, load_split
+from training.evaluate import evaluate
+from training.sam import SAM
+
+MAX_EPOCHS = 20
+EXIT_PREEMPTED = 99
+DEFAULT_INPUT_SIZE = {"cnn": 32, "resnet18": 48}
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=ARCHITECTURES)
+    p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsrb/ (env GTSRB_ROOT)")
+    p.add_argument("--output", help="checkpoint path (default: $CHECKPOINT_DIR or models/checkpoints, /<model>.pt)")
+    p.add_argument("--epochs", type=int, default=MAX_EPOCHS, help=f"1..{MAX_EPOCHS}")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size, split over DDP ranks")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per optimizer)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "sam"])
+    p.add_argument("--sam-base", default="sgd", choices=["sgd", "adamw"], help="optimizer that SAM wraps")
+    p.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay to zero")
+    p.add_argument("--init", default="kaiming", choices=["kaiming", "zeros"],
+                   help="weight init of layers trained from scratch; 'zeros' demonstrates why it fails")
+    p.add_argument("--start-weights", default=None, choices=["random", "imagenet"],
+                   help="resnet18 start (default: imagenet when --weights is given, else random)")
+    p.add_argument("--weights", help="local ImageNet ResNet18 weights file (implies --start-weights imagenet)")
+    p.add_argument("--input-size", type=int, default=None, help="square input side (default cnn 32, resnet18 48)")
+    p.add_argument("--no-augment", action="store_true", help="train on the plain images")
+    p.add_argument("--train-metrics", default="full", choices=["full", "running"],
+                   help="full: an eval-mode pass over the train split each epoch; running: the training "
+                        "batches' average (cheaper, but with augmentation and dropout on)")
+    p.add_argument("--max-train-samples", type=int, default=None, help="random subset for smoke runs")
+    p.add_argument("--max-test-samples", type=int, default=None, help="random subset for smoke runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--half-checkpoint", action="store_true", help="store weights in fp16 (half the file)")
+    p.add_argument("--resume", action="store_true", help="continue from <name>.state.pt if it exists")
+    p.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="stop (as if preempted) after this many epochs of this invocation; for tests")
+    return p
+
+
+# ---------------------------------------------------------------- set-up
+
+
+class Preemption:
+    """Remembers that SIGUSR1/SIGTERM arrived; the loop checks it between batches."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun's env vars turn on DDP (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def init_weights(model: nn.Module, how: str) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if how == "zeros":
+                # Every unit computes the same thing: ReLU(0) = 0 upstream, so every weight gradient
+                # but the last layer's bias is zero and the network only learns the class prior.
+                nn.init.zeros_(m.weight)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and biases: decaying them only fights the normalisation.
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kind = args.sam_base if args.optimizer == "sam" else args.optimizer
+    cls, kwargs = ((torch.optim.SGD, dict(lr=args.lr, momentum=args.momentum, nesterov=True)) if kind == "sgd"
+                   else (torch.optim.AdamW, dict(lr=args.lr)))
+    if args.optimizer == "sam":
+        return SAM(groups, cls, rho=args.rho, **kwargs)
+    return cls(groups, **kwargs)
+
+
+def make_scheduler(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    return torch.optim.lr_scheduler.LambdaLR(base, factor)
+
+
+class Logger:
+    """Prints on rank 0 and appends the same line to <name>.log."""
+
+    def __init__(self, path: Path | None, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, line: str) -> None:
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, args, device, autocast,
+                    preemption: Preemption, progress) -> dict | None:
+    """One pass over `order` (this rank's sample indices). None when preempted mid-epoch."""
+    model.train()
+    per_rank_batch = max(1, args.batch_size // args.world_size)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for start in range(0, len(order), per_rank_batch):
+        if preemption.requested:
+            return None
+        idx = order[start:start + per_rank_batch]
+        x = normalize(images[idx].to(device, non_blocking=True), pre)
+        y = labels[idx].to(device, non_blocking=True)
+        if not args.no_augment:
+            x = augment(x)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def loss_fn() -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(x)
+            return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing), logits
+
+        optimizer.zero_grad(set_to_none=True)
+        loss, logits = loss_fn()
+        loss.backward()
+        if isinstance(optimizer, SAM):
+            optimizer.first_step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn()[0].backward()
+            optimizer.second_step()
+        else:
+            optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += len(y)
+        if progress is not None:
+            progress.update(1)
+    if args.world_size > 1:
+        dist.all_reduce(totals)
+    n = max(1, int(totals[2].item()))
+    return {"loss": totals[0].item() / n, "accuracy": totals[1].item() / n}
+
+
+# ---------------------------------------------------------------- main
+
+
+def resolve_args(args) -> None:
+    if not 1 <= args.epochs <= MAX_EPOCHS:
+        raise SystemExit(f"--epochs must be between 1 and {MAX_EPOCHS}, got {args.epochs}")
+    if args.weights and args.start_weights == "random":
+        raise SystemExit("--weights loads ImageNet weights; it contradicts --start-weights random")
+    if args.start_weights is None:
+        args.start_weights = "imagenet" if args.weights else "random"
+    if args.model == "cnn" and args.start_weights == "imagenet":
+        raise SystemExit("the cnn has no ImageNet weights; only resnet18 takes --start-weights imagenet")
+    if args.lr is None:
+        args.lr = 0.05 if (args.optimizer == "sgd" or (args.optimizer == "sam" and args.sam_base == "sgd")) else 2e-3
+    args.input_size = args.input_size or DEFAULT_INPUT_SIZE[args.model]
+    if args.output is None:
+        folder = os.environ.get("CHECKPOINT_DIR") or str(PROJECT_ROOT / "models" / "checkpoints")
+        args.output = str(Path(folder) / f"{args.model}.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    resolve_args(args)
+    rank, world, device = setup_distributed(args.device)
+    args.world_size = world
+    out = Path(args.output)
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.with_suffix("")
+    state_path, csv_path, log_path = (Path(f"{stem}.state.pt"), Path(f"{stem}.metrics.csv"), Path(f"{stem}.log"))
+    log = Logger(log_path, enabled=rank == 0)
+    preemption = Preemption()
+    autocast = device.type == "cuda"  # bf16 mixed precision: ~2x faster, no loss scaling needed
+    torch.manual_seed(args.seed + rank)
+
+    pre = Preprocessing(input_size=args.input_size)
+    try:
+        model = build_model(args.model, start_weights=args.start_weights, weights_path=args.weights)
+    except PretrainedWeightsUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    start_label = args.start_weights if not args.weights else f"imagenet:{Path(args.weights).name}"
+    if args.start_weights == "random":
+        init_weights(model, args.init)
+    else:
+        init_weights(model.fc, args.init)  # only the new head is trained from scratch
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    # Data lives on the training device for the whole run: an epoch is pure tensor indexing.
+    train = load_split(args.data_root, "train", pre).subset(args.max_train_samples, args.seed)
+    test = load_split(args.data_root, "test", pre).subset(args.max_test_samples, args.seed)
+    train_images, train_labels = train.images.to(device), train.labels.to(device)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / max(1, args.batch_size // world))
+
+    optimizer = make_optimizer(args, model)
+    scheduler = make_scheduler(optimizer, int(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
+    metrics: list[dict] = []
+    if args.resume and state_path.is_file():
+        try:
+            state = safe_load(state_path)
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if state["model_name"] != args.model:
+            raise SystemExit(f"{state_path} holds a {state['model_name']} run, not {args.model}")
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        metrics = list(state["metrics"])
+        log(f"resumed from {state_path} after epoch {len(metrics)}")
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log(f"model {args.model} ({count_parameters(unwrap(model)):,} parameters, start {start_label}, init "
+        f"{args.init}) on {device}{' x' + str(world) if world > 1 else ''}; train {len(train)} / test {len(test)} "
+        f"images at {pre.input_size}x{pre.input_size}; optimizer {args.optimizer} lr {args.lr} batch {args.batch_size}")
+    data_info = {"root": str(args.data_root), "train_samples": len(train), "test_samples": len(test),
+                 "dataset": "GTSRB", "input_size": pre.input_size}
+    train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    interactive = rank == 0 and sys.stdout.isatty()
+
+    epochs_this_run = 0
+    for epoch in range(len(metrics) + 1, args.epochs + 1):
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order on every rank
+        order = torch.randperm(len(train), generator=generator)[rank::world].to(device)
+        progress = None
+        if interactive:
+            from tqdm import tqdm
+            progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        running = train_one_epoch(model, optimizer, scheduler, train_images, train_labels, order, pre, args,
+                                  device, autocast, preemption, progress)
+        if progress is not None:
+            progress.close()
+        if running is None:
+            log(f"preempted during epoch {epoch}; state kept at epoch {len(metrics)}, resume with --resume")
+            return EXIT_PREEMPTED
+        shard = (rank, world)
+        train_m = (evaluate(model, train, pre, device, autocast=autocast, shard=shard)
+                   if args.train_metrics == "full" else running)
+        test_m = evaluate(model, test, pre, device, autocast=autocast, shard=shard)
+        row = {"epoch": epoch, "train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
+               "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"],
+               "seconds": time.perf_counter() - t0}
+        metrics.append(row)
+        if rank == 0:
+            save_epoch(model, optimizer, scheduler, metrics, args, pre, start_label, train_args, data_info,
+                       out, state_path, csv_path)
+        log(f"epoch {epoch}/{args.epochs} train_loss {row['train_loss']:.4f} train_accuracy "
+            f"{row['train_accuracy']:.4f} test_loss {row['test_loss']:.4f} test_accuracy "
+            f"{row['test_accuracy']:.4f} seconds {row['seconds']:.1f}")
+        if world > 1:
+            dist.barrier()
+        epochs_this_run += 1
+        if preemption.requested or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
+            if epoch < args.epochs:
+                log(f"stopping after epoch {epoch}; resume with --resume")
+                return EXIT_PREEMPTED
+    log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, "
+        f"test accuracy {metrics[-1]['test_accuracy']:.4f}; checkpoint {out}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def save_epoch(model, optimizer, scheduler, metrics, args, pre, start_label, train_args, data_info,
+               out: Path, state_path: Path, csv_path: Path) -> None:
+    """Checkpoint, resume state and CSV, each written atomically; the state file goes last, so a
+    crash in between at worst repeats an epoch whose outputs are simply rewritten."""
+    ckpt = make_checkpoint(model, architecture=args.model, class_names=list(CLASS_NAMES), preprocessing=pre,
+                           start_weights=start_label, metrics=metrics, train_args=train_args, data=data_info,
+                           half=args.half_checkpoint)
+    atomic_save(ckpt, out)
+    atomic_write_text(metrics_csv(metrics), csv_path)
+    atomic_save({"model_name": args.model, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(), "metrics": metrics},
+                state_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
