@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Services the test suite talks to (each start script is idempotent).
+set -euo pipefail

@@ -1,0 +1,40 @@
+# signserve: `make serve` serves the shipped models, `make test` runs the suite; both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned and installed first, from pip's local wheel cache, so no resolver fetches another build.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+MODEL  ?= cnn
+EPOCHS ?= 20
+ARGS   ?=
+
+.PHONY: setup test serve train evaluate bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: setup
+	$(BIN)/python -m pytest
+
+serve: setup
+	SIGNSERVE_HOST=$(HOST) SIGNSERVE_PORT=$(PORT) $(BIN)/python -m app
+
+train: setup
+	bash training/slurm/submit.sh $(MODEL) $(EPOCHS) $(ARGS)
+
+evaluate: setup
+	$(BIN)/python -m training.evaluate --checkpoint models/checkpoints/$(MODEL).pt
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf .cache .pytest_cache logs artifacts
