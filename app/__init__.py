@@ -1,0 +1,1 @@
+"""signserve's HTTP service: FastAPI + uvicorn over the checkpoints in models/checkpoints/."""

@@ -1,0 +1,34 @@
+"""The loaded models, by name (the checkpoint file's stem: cnn, resnet18, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import LoadedModel, load_checkpoint
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, LoadedModel]) -> None:
+        self._models = dict(models)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, device: torch.device | str) -> "ModelRegistry":
+        """Every *.pt checkpoint in `directory` (resume-state files excluded)."""
+        paths = sorted(p for p in Path(directory).glob("*.pt") if not p.name.endswith(".state.pt"))
+        return cls({p.stem: load_checkpoint(p, device=device, name=p.stem) for p in paths})
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str) -> LoadedModel:
+        """The model called `name`; KeyError when there is none."""
+        return self._models[name]
+
+    def best(self) -> str:
+        """The name of the model with the highest final test accuracy (the default for /v1/predict)."""
+        return max(self._models, key=lambda n: self._models[n].test_accuracy or 0.0)
+
+    def __len__(self) -> int:
+        return len(self._models)
