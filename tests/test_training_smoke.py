@@ -1,0 +1,121 @@
+"""1-epoch smoke runs and stop/resume on a small subset of the real GTSRB data."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.checkpoint import load_checkpoint
+from training.data import default_data_root
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--max-train-samples", "600", "--max-test-samples", "300", "--batch-size", "64"]
+FIELDS = ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
+
+
+def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "training.train", "--data-root", default_data_root(), *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("epoch ")]
+
+
+def test_one_epoch_logs_all_four_figures_to_stdout_csv_log_and_checkpoint(tmp_path):
+    out = tmp_path / "cnn.pt"
+    result = train("--model", "cnn", "--epochs", "1", "--output", str(out), *SMALL)
+    [line] = epoch_lines(result.stdout)
+    for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"):
+        assert f" {name} " in line
+    rows = read_csv(tmp_path / "cnn.metrics.csv")
+    assert list(rows[0]) == FIELDS and len(rows) == 1
+    assert 0.0 <= float(rows[0]["test_accuracy"]) <= 1.0 and float(rows[0]["train_loss"]) > 0
+    assert line in (tmp_path / "cnn.log").read_text()
+    loaded = load_checkpoint(out)
+    assert loaded.metrics[0]["test_accuracy"] == pytest.approx(float(rows[0]["test_accuracy"]), abs=1e-6)
+    assert loaded.data["train_samples"] == 600 and loaded.data["test_samples"] == 300
+    assert loaded.train_args["optimizer"] == "sgd" and loaded.start_weights == "random"
+
+
+def test_stopped_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_run(tmp_path):
+    full = tmp_path / "full" / "cnn.pt"
+    train("--model", "cnn", "--epochs", "3", "--output", str(full), *SMALL)
+
+    parted = tmp_path / "parted" / "cnn.pt"
+    first = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--stop-after-epochs", "1", *SMALL,
+                  check=False)
+    assert first.returncode == 99, first.stderr
+    assert [int(r["epoch"]) for r in read_csv(parted.with_suffix(".metrics.csv"))] == [1]
+    second = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--resume", *SMALL)
+    assert "resumed" in second.stdout and len(epoch_lines(second.stdout)) == 2
+
+    rows = read_csv(parted.with_suffix(".metrics.csv"))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    log_epochs = [line.split()[1] for line in epoch_lines(parted.with_suffix(".log").read_text())]
+    assert log_epochs == ["1/3", "2/3", "3/3"]  # every epoch once, across both invocations
+    # Model, optimizer, schedule and RNG state were all restored: the curves are the uninterrupted ones.
+    reference = read_csv(full.with_suffix(".metrics.csv"))
+    for a, b in zip(rows, reference):
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), (key, a, b)
+
+
+def test_resume_on_a_finished_run_trains_nothing(tmp_path):
+    out = tmp_path / "cnn.pt"
+    train("--model", "cnn", "--epochs", "1", "--output", str(out), *SMALL)
+    again = train("--model", "cnn", "--epochs", "1", "--output", str(out), "--resume", *SMALL)
+    assert epoch_lines(again.stdout) == []
+    assert len(read_csv(tmp_path / "cnn.metrics.csv")) == 1
+
+
+def test_sam_and_adamw_runs(tmp_path):
+    for opt in ("sam", "adamw"):
+        out = tmp_path / opt / "cnn.pt"
+        train("--model", "cnn", "--epochs", "1", "--optimizer", opt, "--output", str(out), *SMALL)
+        assert load_checkpoint(out).train_args["optimizer"] == opt
+
+
+def test_zero_init_learns_only_the_class_prior(tmp_path):
+    out = tmp_path / "cnn.pt"
+    result = train("--model", "cnn", "--epochs", "2", "--init", "zeros", "--output", str(out), *SMALL)
+    rows = read_csv(tmp_path / "cnn.metrics.csv")
+    # All logits equal up to the head's bias: one class for every image, accuracy = that class's share.
+    assert float(rows[-1]["train_accuracy"]) < 0.10, result.stdout
+    loaded = load_checkpoint(out)
+    assert all(float(p.abs().sum()) == 0 for p in loaded.model.features.parameters() if p.ndim == 4)
+
+
+def test_epochs_above_20_are_refused(tmp_path):
+    result = train("--model", "cnn", "--epochs", "21", "--output", str(tmp_path / "x.pt"), check=False)
+    assert result.returncode != 0 and "between 1 and 20" in result.stderr
+
+
+def test_pretrained_resnet_offline_stops_with_instructions(tmp_path):
+    env_free = train("--model", "resnet18", "--start-weights", "imagenet", "--epochs", "1",
+                     "--output", str(tmp_path / "r.pt"), *SMALL, check=False)
+    assert env_free.returncode == 2
+    assert "--weights PATH" in env_free.stderr
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_evaluate_prints_json_last(tmp_path):
+    out = tmp_path / "cnn.pt"
+    train("--model", "cnn", "--epochs", "1", "--output", str(out), *SMALL)
+    result = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(out),
+                             "--data-root", default_data_root()], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report) == {"accuracy", "loss", "n"} and report["n"] == 4001
+    assert 0 <= report["accuracy"] <= 1
