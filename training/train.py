@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     data_info = {"root": str(args.data_root), "train_samples": len(train), "test_samples": len(test),
                  "dataset": "GTSRB", "input_size": pre.input_size}
     train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    train_args["machine"] = describe_machine(device, world)
     interactive = rank == 0 and sys.stdout.isatty()
 
     epochs_this_run = 0
@@ -341,6 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def describe_machine(device: torch.device, world: int) -> str:
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)}"
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"CPU {name}, {torch.get_num_threads()} threads"
+    return f"{world} x {name}" if world > 1 else name
 
 
 def save_epoch(model, optimizer, scheduler, metrics, args, pre, start_label, train_args, data_info,

@@ -1,0 +1,45 @@
+"""The checkpoints shipped in models/checkpoints/ are real, small and as accurate as the README says."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.checkpoint import load_checkpoint
+from training.data import default_data_root
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS = ROOT / "models" / "checkpoints"
+
+
+def evaluate(path: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(path),
+                             "--data-root", default_data_root()], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name,max_mb", [("cnn", 5), ("resnet18", 25)])
+def test_shipped_checkpoint_is_complete_and_compact(name, max_mb):
+    path = CHECKPOINTS / f"{name}.pt"
+    assert path.stat().st_size < max_mb * 2**20
+    loaded = load_checkpoint(path)
+    assert loaded.architecture == name and len(loaded.class_names) == 43
+    assert 1 <= len(loaded.metrics) <= 20
+    assert loaded.data["train_samples"] == 25087 and loaded.data["test_samples"] == 4001
+    assert (CHECKPOINTS / f"{name}.metrics.csv").read_text().count("\n") == len(loaded.metrics) + 1
+    assert (CHECKPOINTS / f"{name}.log").stat().st_size > 0
+
+
+def test_shipped_resnet18_says_it_started_from_random_weights():
+    # ImageNet weights cannot be downloaded on the machine that trained it; the metadata must not pretend.
+    assert load_checkpoint(CHECKPOINTS / "resnet18.pt").start_weights == "random"
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_shipped_model_reaches_99_percent_on_the_real_test_split(name):
+    report = evaluate(CHECKPOINTS / f"{name}.pt")
+    assert report["n"] == 4001
+    assert report["accuracy"] >= 0.99, report
