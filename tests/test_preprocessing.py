@@ -1,0 +1,57 @@
+"""Training and serving see an image through the same preprocessing, bit for bit."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.imaging import open_image, to_input
+from models.preprocessing import Preprocessing, image_to_uint8, normalize
+from training.data import _decode, default_data_root, list_samples
+
+
+@pytest.fixture(scope="module")
+def real_test_images():
+    return list_samples(default_data_root(), "test")[:40:4]
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_training_cache_and_serving_produce_identical_inputs(real_test_images, size):
+    pre = Preprocessing(input_size=size)
+    for path, _ in real_test_images:
+        trained_on = torch.from_numpy(_decode((path, pre)))
+        with open(path, "rb") as f:
+            raw = f.read()
+        served = to_input(open_image(raw, "x.ppm", max_pixels=10**8), "x.ppm", pre)
+        assert served.dtype == torch.uint8 and served.shape == (3, size, size)
+        assert torch.equal(trained_on, served), path
+
+
+def test_normalize_uses_the_stored_statistics():
+    pre = Preprocessing(input_size=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert torch.allclose(normalize(x, pre), torch.full((1, 3, 2, 2), 2.0))
+
+
+def test_preprocessing_survives_the_checkpoint_dict():
+    pre = Preprocessing(input_size=48)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+
+
+def test_modes_and_exif_orientation_are_normalised():
+    pre = Preprocessing(input_size=8)
+    rgb = Image.new("RGB", (16, 8), (200, 10, 10))
+    rgb.paste((10, 10, 200), (8, 0, 16, 8))  # left red, right blue
+    for mode in ("RGBA", "L", "P", "RGB"):
+        out = image_to_uint8(rgb.convert(mode), pre)
+        assert out.shape == (3, 8, 8)
+    # EXIF orientation 3 (rotated 180°): the upright image has blue on the left.
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    upright = image_to_uint8(Image.open(io.BytesIO(buf.getvalue())), pre).numpy().astype(int)
+    assert upright[2, :, :2].mean() > upright[0, :, :2].mean()  # blue dominates on the left
+    assert upright[0, :, -2:].mean() > upright[2, :, -2:].mean()  # red on the right
