@@ -4,12 +4,41 @@ from __future__ import annotations
 
 from fastapi import Depends, HTTPException, Request
 
+from app.observability import ServiceMetrics
 from app.registry import ModelRegistry
+from app.service import ServedModel, Service
+from app.settings import Settings
 from models.checkpoint import LoadedModel
 
 
-def get_registry(request: Request) -> ModelRegistry:
-    return request.app.state.registry
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def get_settings(service: Service = Depends(get_service)) -> Settings:
+    return service.settings
+
+
+def get_metrics(service: Service = Depends(get_service)) -> ServiceMetrics:
+    return service.metrics
+
+
+def get_ready_service(service: Service = Depends(get_service)) -> Service:
+    """The service once its models are loaded and warmed up; 503 + Retry-After before that."""
+    if not service.ready:
+        if service.load_errors and not service.models:
+            raise HTTPException(503, "no model could be loaded: " +
+                                "; ".join(f"{k}: {v}" for k, v in service.load_errors.items()))
+        raise HTTPException(503, "the models are still loading", headers={"Retry-After": "1"})
+    return service
+
+
+def get_registry(service: Service = Depends(get_ready_service)) -> ModelRegistry:
+    return service.registry
+
+
+def _unknown(name: str, registry: ModelRegistry) -> HTTPException:
+    return HTTPException(404, f"unknown model {name!r}; available: {', '.join(registry.names())}")
 
 
 def get_loaded_model(name: str, registry: ModelRegistry = Depends(get_registry)) -> LoadedModel:
@@ -17,4 +46,13 @@ def get_loaded_model(name: str, registry: ModelRegistry = Depends(get_registry))
     try:
         return registry.get(name)
     except KeyError:
-        raise HTTPException(404, f"unknown model {name!r}; available: {', '.join(registry.names())}") from None
+        raise _unknown(name, registry) from None
+
+
+def get_served_model(service: Service, name: str | None) -> ServedModel:
+    """`name`, or the best model when None; 404 naming the models that exist."""
+    name = name or service.registry.best()
+    try:
+        return service.models[name]
+    except KeyError:
+        raise _unknown(name, service.registry) from None

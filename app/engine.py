@@ -1,0 +1,63 @@
+"""A loaded checkpoint made ready for serving: device, precision, memory format, warm-up."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from models.checkpoint import LoadedModel
+from models.preprocessing import normalize
+
+log = logging.getLogger(__name__)
+
+
+def select_device(setting: str) -> torch.device:
+    """`auto` -> cuda when a GPU is usable, else cpu; an explicit cuda that is missing is an error."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"SIGNSERVE_DEVICE={setting} but torch sees no CUDA device")
+    return device
+
+
+class Predictor:
+    """uint8 image batch [N, 3, S, S] -> class probabilities [N, C] (float32, CPU).
+
+    On CUDA the weights and inputs are fp16 and NHWC (tensor cores, cuDNN's fastest layout);
+    on the CPU they stay fp32 / NCHW so results match `training.evaluate` exactly.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, half: bool = True, channels_last: bool = True) -> None:
+        self.loaded = loaded
+        self.device = loaded.device
+        on_cuda = self.device.type == "cuda"
+        self.dtype = torch.float16 if half and on_cuda else torch.float32
+        self.memory_format = torch.channels_last if channels_last and on_cuda else torch.contiguous_format
+        self.model = loaded.model.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format).eval()
+        self.input_size = loaded.preprocessing.input_size
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        x = normalize(images, self.loaded.preprocessing, dtype=self.dtype)
+        x = x.contiguous(memory_format=self.memory_format)
+        return self.model(x).float().softmax(dim=1).cpu()
+
+    def warmup(self, max_batch_size: int) -> None:
+        """Run every power-of-two batch size up to the maximum once, so the first requests do not pay
+        for lazy initialisation (oneDNN primitives, CUDA context and kernels, allocator pools)."""
+        size = 1
+        while True:
+            self(torch.zeros(size, 3, self.input_size, self.input_size, dtype=torch.uint8))
+            if size >= max_batch_size:
+                break
+            size = min(size * 2, max_batch_size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

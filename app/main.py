@@ -1,0 +1,69 @@
+"""The FastAPI application: `create_app(settings)`; uvicorn serves it with `python -m app`
+(or `uvicorn app.main:create_app --factory`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.imaging import ImageRejected
+from app.observability import PrometheusMiddleware, ServiceMetrics
+from app.routers import calculators, health, models, predict
+from app.service import Service
+from app.settings import Settings, get_settings
+from app.uploads import UploadRejected
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+log = logging.getLogger("signserve")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    service: Service = app.state.service
+    paths = service.check_startup()
+    loading = asyncio.create_task(service.load(paths))
+    loading.add_done_callback(lambda _: setattr(app.state, "registry", service.registry))
+    try:
+        yield
+    finally:
+        loading.cancel()
+        await service.close()
+
+
+async def _rejected(request: Request, exc: UploadRejected | ImageRejected) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="signserve",
+        summary="German traffic-sign (GTSRB, 43 classes) recognition",
+        description="Upload a photo of a traffic sign, get the sign. The upload page is at [/](/).",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    metrics = ServiceMetrics()
+    app.state.service = Service(settings=settings, metrics=metrics)
+    app.state.registry = app.state.service.registry
+    app.add_middleware(PrometheusMiddleware, metrics=metrics)
+    app.add_exception_handler(UploadRejected, _rejected)
+    app.add_exception_handler(ImageRejected, _rejected)
+
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.include_router(calculators.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    return app

@@ -1,0 +1,32 @@
+"""Operations: liveness and readiness probes, Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.dependencies import get_metrics, get_ready_service
+from app.observability import ServiceMetrics
+from app.schemas.health import ErrorResponse, Health, Readiness
+from app.service import Service
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, summary="Every model is loaded and warmed up",
+            responses={503: {"model": ErrorResponse, "description": "still loading, or no model loads"}})
+async def readyz(service: Annotated[Service, Depends(get_ready_service)]) -> Readiness:
+    return Readiness(models=list(service.models), device=str(service.device))
+
+
+@router.get("/metrics", response_class=Response, tags=["monitoring"], summary="Prometheus metrics",
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
+def prometheus_metrics(metrics: Annotated[ServiceMetrics, Depends(get_metrics)]) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

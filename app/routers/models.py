@@ -1,0 +1,63 @@
+"""GET /v1/models...: what is served, and how each model trained."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.dependencies import get_loaded_model, get_registry
+from app.plots import training_curves_png
+from app.registry import ModelRegistry
+from app.schemas.health import ErrorResponse
+from app.schemas.models import EpochMetrics, ModelInfo, ModelList, TrainingMetrics
+from models.checkpoint import METRIC_FIELDS, LoadedModel, metrics_csv
+
+router = APIRouter(prefix="/v1/models", tags=["models"],
+                   responses={503: {"model": ErrorResponse, "description": "models still loading"}})
+
+Model = Annotated[LoadedModel, Depends(get_loaded_model)]
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown model"}}
+
+
+def model_info(m: LoadedModel) -> ModelInfo:
+    return ModelInfo(name=m.name, architecture=m.architecture, parameters=m.parameters,
+                     input_size=m.preprocessing.input_size, test_accuracy=m.test_accuracy, epochs=len(m.metrics),
+                     start_weights=m.start_weights, checkpoint_sha256=m.sha256, device=str(m.device))
+
+
+@router.get("", response_model=ModelList, summary="The served models")
+def list_models(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> ModelList:
+    return ModelList(models=[model_info(registry.get(n)) for n in registry.names()],
+                     default=registry.best() if len(registry) else None)
+
+
+@router.get("/{name}", response_model=ModelInfo, responses=NOT_FOUND, summary="One served model")
+def get_model(model: Model) -> ModelInfo:
+    return model_info(model)
+
+
+@router.get("/{name}/metrics", response_model=TrainingMetrics, responses=NOT_FOUND,
+            summary="Per-epoch training metrics")
+def training_metrics(model: Model) -> TrainingMetrics:
+    return TrainingMetrics(epochs=[EpochMetrics(**{k: m[k] for k in METRIC_FIELDS}) for m in model.metrics])
+
+
+@router.get("/{name}/metrics.csv", response_class=Response, responses={
+    200: {"content": {"text/csv": {}}, "description": "one row per epoch"}, **NOT_FOUND},
+    summary="Per-epoch training metrics as CSV")
+def get_metrics_csv(model: Model) -> Response:
+    return Response(metrics_csv(model.metrics), media_type="text/csv",
+                    headers={"Content-Disposition": f'inline; filename="{model.name}-metrics.csv"'})
+
+
+@router.get("/{name}/metrics.png", response_class=Response, responses={
+    200: {"content": {"image/png": {}}, "description": "train/test loss and accuracy per epoch"}, **NOT_FOUND},
+    summary="Training curves plot")
+async def get_metrics_png(model: Model) -> Response:
+    rows = tuple((int(m["epoch"]), float(m["train_loss"]), float(m["train_accuracy"]), float(m["test_loss"]),
+                  float(m["test_accuracy"])) for m in model.metrics)
+    title = f"{model.name} ({model.architecture}, {model.start_weights} start)"
+    png = await run_in_threadpool(training_curves_png, rows, title)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})

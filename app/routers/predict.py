@@ -1,0 +1,141 @@
+"""POST /v1/predict: uploaded images -> the most probable signs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from app.batching import QueueFull
+from app.dependencies import get_metrics, get_ready_service, get_served_model
+from app.imaging import decodes_inline, open_image, to_input
+from app.observability import ServiceMetrics
+from app.schemas.health import ErrorResponse
+from app.schemas.predict import FileResult, Prediction, PredictResponse
+from app.service import ServedModel, Service
+from app.uploads import Upload, read_files
+from models.classes import NUM_CLASSES
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+FILE_FIELD = "file"
+
+# The body is read by `predict_request` (to enforce limits while it streams), so FastAPI cannot
+# derive its schema from a parameter: this is what `list[UploadFile] = File(...)` would document.
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": [FILE_FIELD],
+            "properties": {FILE_FIELD: {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "description": "one or more images (PNG, JPEG, PPM, WebP, BMP, GIF, ...); repeat the "
+                               "field for a batch",
+            }},
+        }}},
+    }
+}
+
+
+@dataclass
+class PredictTarget:
+    served: ServedModel
+    top_k: int
+
+
+@dataclass
+class PredictRequest:
+    served: ServedModel
+    top_k: int
+    uploads: list[Upload]
+
+
+def predict_target(
+    service: Annotated[Service, Depends(get_ready_service)],
+    model: Annotated[str | None, Query(description="a name from /v1/models; default: the most accurate")] = None,
+    top_k: Annotated[int, Query(ge=1, le=NUM_CLASSES, description="classes to return per image")] = 5,
+) -> PredictTarget:
+    return PredictTarget(get_served_model(service, model), top_k)
+
+
+async def predict_request(request: Request, service: Annotated[Service, Depends(get_ready_service)],
+                          target: Annotated[PredictTarget, Depends(predict_target)]) -> PredictRequest:
+    """The query and the uploaded files. The query is checked first: a bad model or top_k is answered
+    before the body is read."""
+    s = service.settings
+    uploads = await read_files(request.headers.get("content-type"), request.headers.get("content-length"),
+                               request.stream(), field_name=FILE_FIELD, max_files=s.max_files_per_request,
+                               max_bytes=s.max_upload_bytes)
+    return PredictRequest(target.served, target.top_k, uploads)
+
+
+def _display_name(upload: Upload, index: int) -> str:
+    return upload.filename or f"#{index + 1}"
+
+
+async def decode_all(uploads: list[Upload], served: ServedModel, max_pixels: int) -> list[torch.Tensor]:
+    """Every upload as model input. Headers are checked first so a bad file fails the request before
+    any pixel is decoded; small images decode inline, large ones in the thread pool."""
+    pre = served.loaded.preprocessing
+    names = [_display_name(u, i) for i, u in enumerate(uploads)]
+    images = [open_image(u.data, name, max_pixels) for u, name in zip(uploads, names)]
+    inputs: list[torch.Tensor | None] = [None] * len(images)
+    slow = []
+    for i, image in enumerate(images):
+        if decodes_inline(image):
+            inputs[i] = to_input(image, names[i], pre)
+        else:
+            slow.append(i)
+    if slow:
+        decoded = await asyncio.gather(*(run_in_threadpool(to_input, images[i], names[i], pre) for i in slow))
+        for i, tensor in zip(slow, decoded):
+            inputs[i] = tensor
+    return inputs  # type: ignore[return-value]
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    summary="Classify uploaded traffic-sign images",
+    openapi_extra=UPLOAD_BODY,
+    responses={
+        400: {"model": ErrorResponse, "description": "malformed multipart body"},
+        404: {"model": ErrorResponse, "description": "unknown model"},
+        413: {"model": ErrorResponse, "description": "file over the size limit, too many files, or an "
+                                                      "image declaring too many pixels"},
+        415: {"model": ErrorResponse, "description": "the body is not multipart/form-data"},
+        503: {"model": ErrorResponse, "description": "queue full or models still loading; see Retry-After"},
+    },
+)
+async def predict(
+    body: Annotated[PredictRequest, Depends(predict_request)],
+    service: Annotated[Service, Depends(get_ready_service)],
+    metrics: Annotated[ServiceMetrics, Depends(get_metrics)],
+) -> PredictResponse:
+    """Upload one or more images in the multipart field `file` (repeat it for a batch). Each image is
+    decoded (first frame of animations, EXIF orientation applied, converted to RGB), resized like
+    the training data and classified; the response lists the `top_k` classes per file, in upload order."""
+    served, uploads = body.served, body.uploads
+    inputs = await decode_all(uploads, served, service.settings.max_image_pixels)
+    started = time.perf_counter()
+    try:
+        rows = await served.batcher.predict(inputs)
+    except QueueFull as exc:
+        metrics.queue_rejections.labels(served.loaded.name).inc()
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    metrics.prediction_duration.labels(served.loaded.name).observe(time.perf_counter() - started)
+    probabilities, class_ids = torch.stack(rows).topk(body.top_k, dim=1)
+    labels = served.loaded.class_names
+    return PredictResponse(model=served.loaded.name, results=[
+        FileResult(filename=upload.filename, predictions=[
+            Prediction(class_id=c, label=labels[c], probability=p) for c, p in zip(ids, probs)
+        ])
+        for upload, ids, probs in zip(uploads, class_ids.tolist(), probabilities.tolist())
+    ])

@@ -1,0 +1,52 @@
+"""Service settings, read from the environment (prefix SIGNSERVE_, e.g. SIGNSERVE_PORT=9000)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIGNSERVE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 exposes the service")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    access_log: bool = Field(False, description="uvicorn's per-request log line (costs throughput)")
+
+    checkpoint_dir: Path = Field(PROJECT_ROOT / "models" / "checkpoints",
+                                 description="every *.pt in it is served, named by its file stem")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    half: bool = Field(True, description="fp16 weights and inputs on CUDA (ignored on the CPU)")
+    channels_last: bool = Field(True, description="NHWC memory format on CUDA (ignored on the CPU)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
+    warmup: bool = Field(True, description="run a forward pass at every batch size class before /readyz")
+
+    max_batch_size: int = Field(64, ge=1, description="images per forward pass, at most")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more images once the "
+                                                      "model is free")
+    queue_size: int = Field(1024, ge=1, description="images waiting per model; beyond it 503 + Retry-After")
+
+    max_files_per_request: int = Field(64, ge=1)
+    max_upload_bytes: int = Field(10 * MB, ge=1, description="per file, enforced while the body streams in")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="declared width x height beyond which an "
+                                                                "image is refused before decoding")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

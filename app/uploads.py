@@ -1,0 +1,147 @@
+"""Streaming multipart/form-data reader for image uploads.
+
+Starlette's form parser spools every file to a temporary file before the route sees it, so an
+over-sized upload is only noticed after it has been received in full. This reader counts bytes as
+they arrive and stops at the first file over the limit, the first file over the count limit, or a
+body larger than both limits allow; it keeps each accepted file in memory (at most the limit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+
+# Room for part headers and boundaries on top of the file bytes themselves.
+PART_OVERHEAD_BYTES = 16 * 1024
+
+
+@dataclass
+class Upload:
+    filename: str
+    content_type: str
+    data: bytearray = field(default_factory=bytearray)
+
+
+class UploadRejected(Exception):
+    """The body cannot be accepted; `status_code` is the HTTP status to answer with."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+class MissingFileField(UploadRejected):
+    def __init__(self, field_name: str) -> None:
+        super().__init__(422, f"no file in the multipart field {field_name!r}")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MB"
+
+
+class _Collector:
+    """python-multipart callbacks that keep the parts named `field_name`, enforcing the limits."""
+
+    def __init__(self, field_name: str, max_files: int, max_bytes: int) -> None:
+        self.field_name = field_name
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self.files: list[Upload] = []
+        self.finished = False
+        self._current: Upload | None = None  # None while inside a part we ignore
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._content_type = b""
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._current = None
+        self._disposition = self._content_type = b""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        name = self._header_name.strip().lower()
+        if name == b"content-disposition":
+            self._disposition = self._header_value
+        elif name == b"content-type":
+            self._content_type = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if options.get(b"name", b"").decode("utf-8", "replace") != self.field_name:
+            return  # another form field: its bytes are counted against the body limit and dropped
+        if len(self.files) >= self.max_files:
+            raise UploadRejected(413, f"too many files: at most {self.max_files} per request")
+        filename = options.get(b"filename", b"").decode("utf-8", "replace")
+        self._current = Upload(filename=filename, content_type=self._content_type.decode("latin-1").strip())
+        self.files.append(self._current)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current is None:
+            return
+        if len(self._current.data) + (end - start) > self.max_bytes:
+            name = self._current.filename or f"#{len(self.files)}"
+            raise UploadRejected(413, f"file {name!r} is larger than the upload limit of "
+                                      f"{_megabytes(self.max_bytes)}")
+        self._current.data += data[start:end]
+
+    def on_end(self) -> None:
+        self.finished = True
+
+
+async def read_files(content_type: str | None, content_length: str | None, stream: AsyncIterator[bytes], *,
+                     field_name: str, max_files: int, max_bytes: int) -> list[Upload]:
+    """The uploaded files of one field, in upload order, read from the body as it streams in."""
+    media_type, params = parse_options_header(content_type)
+    if media_type != b"multipart/form-data":
+        raise UploadRejected(415, f"expected a multipart/form-data body with images in the field "
+                                  f"{field_name!r}, got content type {content_type or 'none'!r}")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise UploadRejected(400, "multipart/form-data content type without a boundary")
+    max_body = max_files * (max_bytes + PART_OVERHEAD_BYTES)
+    if content_length is not None and content_length.isdigit() and int(content_length) > max_body:
+        raise UploadRejected(413, f"request body of {int(content_length)} bytes is larger than "
+                                  f"{max_files} files of {_megabytes(max_bytes)} can be")
+    collector = _Collector(field_name, max_files, max_bytes)
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+        received = 0
+        async for chunk in stream:
+            received += len(chunk)
+            if received > max_body:
+                raise UploadRejected(413, f"request body is larger than {max_files} files of "
+                                          f"{_megabytes(max_bytes)} can be")
+            parser.write(chunk)
+            if collector.finished:
+                break  # anything after the closing boundary is an epilogue, ignored by the spec
+        parser.finalize()
+    except FormParserError as exc:
+        raise UploadRejected(400, f"malformed multipart body: {exc}") from None
+    if not collector.finished:
+        raise UploadRejected(400, "malformed multipart body: it ends before the closing boundary")
+    if not collector.files:
+        raise MissingFileField(field_name)
+    return collector.files

@@ -1,0 +1,144 @@
+"""Shared fixtures: a real signserve process (uvicorn, loopback, free port) and sample images.
+
+The server runs `python -m app` as a subprocess, exactly like `make serve`, and the tests talk to
+it over HTTP. It serves a snapshot of models/checkpoints/ taken at session start: training may
+rewrite those files at any moment, and the accuracy test must evaluate the very file the server loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from helpers import encode
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_DIR = ROOT / "models" / "checkpoints"
+ARTIFACTS = ROOT / "artifacts"
+STARTUP_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    checkpoint_dir: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, timeout: float = 60) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown (runs the lifespan exit)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(checkpoint_dir: Path, log_path: Path, **settings: str | int | float) -> LiveServer:
+    """`python -m app` with SIGNSERVE_* settings on a free loopback port; returns once /readyz is 200."""
+    port = free_port()
+    env = {**os.environ, "SIGNSERVE_HOST": "127.0.0.1", "SIGNSERVE_PORT": str(port),
+           "SIGNSERVE_CHECKPOINT_DIR": str(checkpoint_dir)}
+    env.update({f"SIGNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log_file,
+                               stderr=subprocess.STDOUT)
+    log_file.close()
+    server = LiveServer(f"http://127.0.0.1:{port}", checkpoint_dir, process, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"signserve exited with {process.returncode} during start-up:\n{server.log()}")
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"signserve not ready after {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the served checkpoints (*.pt, not resume *.state.pt) as they are now."""
+    paths = sorted(p for p in CHECKPOINT_DIR.glob("*.pt") if not p.name.endswith(".state.pt"))
+    if not paths:
+        pytest.fail(f"no checkpoints in {CHECKPOINT_DIR}: the service has nothing to serve")
+    snapshot = tmp_path_factory.mktemp("checkpoints")
+    for path in paths:
+        shutil.copy2(path, snapshot / path.name)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint_snapshot: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The service with its default settings, shared by the whole session."""
+    live = start_server(checkpoint_snapshot, tmp_path_factory.mktemp("server") / "server.log")
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def model_names(server: LiveServer) -> list[str]:
+    with server.client() as c:
+        return [m["name"] for m in c.get("/v1/models").json()["models"]]
+
+
+# --- sample images ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gtsrb_test_samples() -> list[tuple[str, int]]:
+    """(path, class id) of the real GTSRB test images."""
+    from training.data import default_data_root, list_samples
+
+    try:
+        return list_samples(default_data_root(), "test")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def sign_image(gtsrb_test_samples: list[tuple[str, int]]) -> tuple[Image.Image, int]:
+    """One real GTSRB test image (RGB) and its class id."""
+    path, label = gtsrb_test_samples[0]
+    with Image.open(path) as image:
+        return image.convert("RGB"), label
+
+
+@pytest.fixture(scope="session")
+def sign_png(sign_image: tuple[Image.Image, int]) -> bytes:
+    return encode(sign_image[0], "PNG")
