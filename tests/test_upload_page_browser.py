@@ -1,0 +1,89 @@
+"""The upload page in a real headless Chromium (Debian's), driven by Playwright: upload a real GTSRB
+test image, read the top prediction off the page, keep a screenshot in artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ARTIFACTS
+from helpers import encode, files
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("Debian's chromium is not installed (.ci/system-packages.sh installs it)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def test_upload_page_classifies_a_real_image(browser, server, client, gtsrb_test_samples, tmp_path):
+    from PIL import Image
+
+    from models.classes import CLASS_NAMES
+
+    # a few real test images, as PNG so the page can show them too
+    uploads = []
+    for path, label in gtsrb_test_samples[10:13]:
+        with Image.open(path) as image:
+            target = tmp_path / f"{Path(path).stem}.png"
+            target.write_bytes(encode(image.convert("RGB"), "PNG"))
+            uploads.append((target, label))
+    expected = client.post("/v1/predict", params={"model": "cnn"},
+                           files=files(*[(p.name, p.read_bytes()) for p, _ in uploads])).json()["results"]
+
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model:not([disabled])")
+    page.select_option("#model", "cnn")
+    page.set_input_files("#files", [str(p) for p, _ in uploads])
+    page.wait_for_selector("#results .result >> nth=2")
+    assert "classified" in page.inner_text("#status")
+
+    cards = page.locator("#results .result")
+    assert cards.count() == len(uploads)
+    for i, ((path, _), want) in enumerate(zip(uploads, expected)):
+        card = cards.nth(i)
+        assert card.locator(".filename").inner_text() == path.name
+        rows = card.locator(".prediction")
+        assert rows.count() == 5
+        top_label = rows.nth(0).locator(".label").inner_text()
+        assert top_label == want["predictions"][0]["label"]  # what the API says for the same file
+        assert top_label in CLASS_NAMES
+        assert rows.nth(0).locator(".probability").inner_text().endswith("%")
+        assert card.locator("img").evaluate("img => img.naturalWidth") > 0  # the preview rendered
+
+    # the training curves are linked and load
+    plot = page.locator("#plots img").first
+    plot.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=plot.element_handle())
+    assert page.locator("#plots a[href$='metrics.csv']").count() >= 1
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "upload-page.png"), full_page=True)
+    assert not errors, errors
+    page.close()
+
+
+def test_upload_page_shows_the_error_detail(browser, server, tmp_path):
+    bad = tmp_path / "not-a-sign.png"
+    bad.write_bytes(b"definitely not a PNG")
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model:not([disabled])")
+    page.set_input_files("#files", str(bad))
+    page.wait_for_selector("#status.error")
+    assert "not-a-sign.png" in page.inner_text("#status")
+    page.close()
