@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite uses (idempotent).
 set -euo pipefail
-PACKAGES=(chromium)
+PACKAGES=(chromium slurm-wlm munge)
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from models.architectures import ARCHITECTURES, PretrainedWeightsUnavailable, build_model, count_parameters
 from models.checkpoint import (CheckpointError, atomic_save, atomic_write_text, make_checkpoint, metrics_csv,
@@ -97,6 +98,16 @@ class Preemption:
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got the signal. Slurm and torchrun deliver it to
+        each process at a slightly different batch; a rank that left the loop alone would leave the
+        others blocked in the next gradient all-reduce."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
@@ -178,7 +189,7 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, arg
     per_rank_batch = max(1, args.batch_size // args.world_size)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, len(order), per_rank_batch):
-        if preemption.requested:
+        if preemption.agreed(args.world_size, device):
             return None
         idx = order[start:start + per_rank_batch]
         x = normalize(images[idx].to(device, non_blocking=True), pre)
@@ -246,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
     state_path, csv_path, log_path = (Path(f"{stem}.state.pt"), Path(f"{stem}.metrics.csv"), Path(f"{stem}.log"))
+    if rank == 0 and not args.resume:
+        # A fresh run stopped before its first epoch must not leave an older run's state for --resume.
+        state_path.unlink(missing_ok=True)
     log = Logger(log_path, enabled=rank == 0)
     preemption = Preemption()
     autocast = device.type == "cuda"  # bf16 mixed precision: ~2x faster, no loss scaling needed
@@ -301,11 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     train_args["machine"] = describe_machine(device, world)
     interactive = rank == 0 and sys.stdout.isatty()
 
+    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     epochs_this_run = 0
     for epoch in range(len(metrics) + 1, args.epochs + 1):
         t0 = time.perf_counter()
-        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order on every rank
-        order = torch.randperm(len(train), generator=generator)[rank::world].to(device)
+        # Same permutation on every rank, padded so that every rank runs the same number of steps.
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
         progress = None
         if interactive:
             from tqdm import tqdm
@@ -334,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             dist.barrier()
         epochs_this_run += 1
-        if preemption.requested or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
+        if preemption.agreed(world, device) or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
             if epoch < args.epochs:
                 log(f"stopping after epoch {epoch}; resume with --resume")
                 return EXIT_PREEMPTED
