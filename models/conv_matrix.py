@@ -143,6 +143,8 @@ def conv_matrix(kernel: Sequence | np.ndarray, input_size: Sequence[int], stride
     weights = kernel if isinstance(kernel, np.ndarray) else kernel_array(kernel)
     if weights.ndim == 2:
         weights = weights.reshape(1, 1, *weights.shape)
+    if weights.ndim != 4:
+        raise ConvMatrixError(f"kernel must be 2-D or 4-D, got {weights.ndim}-D")
     (c_in, h, w), (c_out, out_h, out_w) = conv_matrix_shape(weights.shape, input_size, stride, padding, dilation)
     rows, cols = c_out * out_h * out_w, c_in * h * w
     if rows * cols > max_entries:
