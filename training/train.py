@@ -102,7 +102,7 @@ class Preemption:
     def agreed(self, world: int, device: torch.device) -> bool:
         """True on every rank as soon as any rank got the signal. Slurm and torchrun deliver it to
         each process at a slightly different batch; a rank that left the loop alone would leave the
-        others blocked in the next gradient all-reduce."""
+        others waiting in the next gradient all-reduce, or failing in it once its process is gone."""
         if world == 1:
             return self.requested
         flag = torch.tensor([float(self.requested)], device=device)
