@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = out.with_suffix("")
     state_path, csv_path, log_path = (Path(f"{stem}.state.pt"), Path(f"{stem}.metrics.csv"), Path(f"{stem}.log"))
     if rank == 0 and not args.resume:
-        # A fresh run stopped before its first epoch must not leave an older run's state for --resume.
+        # A fresh run starts fresh files: no older run's state for --resume, no older lines in the log.
         state_path.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)
     log = Logger(log_path, enabled=rank == 0)
     preemption = Preemption()
     autocast = device.type == "cuda"  # bf16 mixed precision: ~2x faster, no loss scaling needed
