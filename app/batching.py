@@ -5,8 +5,14 @@ or when its oldest image has waited `max_wait_s`, whichever comes first. Under l
 busy when images arrive, so they have already waited by the time it is free and go straight into
 the next (large) batch; at low load an image waits at most `max_wait_s` for company.
 
-The forward runs in a single dedicated thread, off the event loop, so HTTP parsing, decoding and
-the next batch's collection overlap with it. The queue is bounded: when it is full `submit` raises
+Unlike Triton, it only waits for company that exists: routes announce a request as soon as they
+start receiving it (`expecting()`), and when no announced request is still on its way the batch
+goes at once. A lone client therefore never pays `max_wait_s`.
+
+The forward runs off the event loop in `instances` dedicated threads (Triton's instance count),
+so HTTP parsing, decoding and the next batch's collection overlap with it. On a CPU, several
+single-threaded instances use the cores better than one multi-threaded forward: no OpenMP barrier
+stalls when the event loop takes a core for a moment. The queue is bounded: when it is full `submit` raises
 `QueueFull` at once (the route answers 503 + Retry-After) instead of letting latency grow without end.
 """
 
@@ -16,13 +22,15 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+# uint8 images [N, 3, S, S] -> N results, one per image (a tensor's rows, or a list)
+ForwardFn = Callable[[torch.Tensor], Sequence]
 BatchObserver = Callable[[int, float], None]
 
 
@@ -41,20 +49,25 @@ class _Item:
 
 class DynamicBatcher:
     def __init__(self, forward: ForwardFn, *, max_batch_size: int = 64, max_wait_s: float = 0.002,
-                 queue_size: int = 1024, name: str = "model", on_batch: BatchObserver | None = None) -> None:
-        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
+                 queue_size: int = 1024, instances: int = 1, name: str = "model",
+                 on_batch: BatchObserver | None = None) -> None:
+        if max_batch_size < 1 or queue_size < 1 or instances < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size, queue_size and instances must be >= 1, max_wait_s >= 0")
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
+        self.instances = instances
         self.name = name
         self.on_batch = on_batch
         self._items: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"forward-{name}")
+        self._free = asyncio.Semaphore(instances)
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._seconds_per_image = 0.0  # moving average, for Retry-After
+        self._expected = 0  # requests announced by `expecting()` that have not submitted yet
 
     @property
     def depth(self) -> int:
@@ -73,6 +86,7 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        await asyncio.gather(*self._running, return_exceptions=True)  # let running forwards finish
         while self._items:
             item = self._items.popleft()
             if not item.future.done():
@@ -83,8 +97,20 @@ class DynamicBatcher:
         """Seconds until the queue, plus `extra` images, has likely drained (at least 1)."""
         return max(1, min(60, math.ceil((self.depth + extra) * self._seconds_per_image)))
 
+    @contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Announce a request that is being received and will `submit` (or fail) within the block;
+        while any is announced, a partial batch may wait up to max_wait_s for it."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
+            if self._expected == 0 and self._items:
+                self._wakeup.set()
+
     def submit(self, images: Sequence[torch.Tensor]) -> list[asyncio.Future]:
-        """Queue uint8 images [3, S, S]; each future resolves to that image's probabilities [C].
+        """Queue uint8 images [3, S, S]; each future resolves to that image's result from `forward`.
         All or none are queued: QueueFull when they do not fit."""
         if self._task is None:
             raise RuntimeError(f"batcher {self.name!r} is not running")
@@ -103,16 +129,17 @@ class DynamicBatcher:
             self._wakeup.set()
         return futures
 
-    async def predict(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities for each image, in order (cancelling this cancels its queued images)."""
+    async def predict(self, images: Sequence[torch.Tensor]) -> list:
+        """The result for each image, in order (cancelling this cancels its queued images)."""
         return list(await asyncio.gather(*self.submit(images)))
 
     async def _collect(self) -> list[_Item]:
+        """The next batch, once an instance is free (the caller holds `_free`)."""
         loop = asyncio.get_running_loop()
         while not self._items:
             self._wakeup.clear()
             await self._wakeup.wait()
-        while self.depth < self.max_batch_size:
+        while self.depth < self.max_batch_size and self._expected > 0:
             remaining = self._items[0].enqueued + self.max_wait_s - loop.time()
             if remaining <= 0:
                 break
@@ -129,30 +156,43 @@ class DynamicBatcher:
                 batch.append(item)
         return batch
 
-    def _forward_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def _forward_batch(self, images: list[torch.Tensor]) -> Sequence:
         return self.forward(torch.stack(images))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            if not batch:
-                continue
-            started = time.perf_counter()
+            await self._free.acquire()
             try:
-                probabilities = await loop.run_in_executor(self._executor, self._forward_batch,
-                                                           [item.image for item in batch])
-            except Exception as exc:  # a failing forward fails its batch, not the batcher
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                batch = await self._collect()
+            except BaseException:
+                self._free.release()
+                raise
+            if not batch:
+                self._free.release()
                 continue
-            seconds = time.perf_counter() - started
-            per_image = seconds / len(batch)
-            self._seconds_per_image = per_image if not self._seconds_per_image else \
-                0.9 * self._seconds_per_image + 0.1 * per_image
-            for item, row in zip(batch, probabilities):
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._forward_batch,
+                                                       [item.image for item in batch])
+        except Exception as exc:  # a failing forward fails its batch, not the batcher
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(row)
-            if self.on_batch is not None:
-                self.on_batch(len(batch), seconds)
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._free.release()
+        seconds = time.perf_counter() - started
+        per_image = seconds / len(batch) / self.instances
+        self._seconds_per_image = per_image if not self._seconds_per_image else \
+            0.9 * self._seconds_per_image + 0.1 * per_image
+        for item, row in zip(batch, results):
+            if not item.future.done():
+                item.future.set_result(row)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), seconds)

@@ -1,4 +1,8 @@
-"""Shared state for route functions, as FastAPI dependencies."""
+"""Shared state for route functions, as FastAPI dependencies.
+
+They are `async def` although they never await: FastAPI runs a plain `def` dependency in its thread
+pool, a thread hop per dependency per request, which costs more than the dependency itself.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,24 @@ from app.settings import Settings
 from models.checkpoint import LoadedModel
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def get_settings(service: Service = Depends(get_service)) -> Settings:
+async def get_settings(service: Service = Depends(get_service)) -> Settings:
     return service.settings
 
 
-def get_metrics(service: Service = Depends(get_service)) -> ServiceMetrics:
+async def get_metrics(service: Service = Depends(get_service)) -> ServiceMetrics:
     return service.metrics
 
 
-def get_ready_service(service: Service = Depends(get_service)) -> Service:
+async def get_ready_service(service: Service = Depends(get_service)) -> Service:
     """The service once its models are loaded and warmed up; 503 + Retry-After before that."""
+    return require_ready(service)
+
+
+def require_ready(service: Service) -> Service:
     if not service.ready:
         if service.load_errors and not service.models:
             raise HTTPException(503, "no model could be loaded: " +
@@ -33,7 +41,7 @@ def get_ready_service(service: Service = Depends(get_service)) -> Service:
     return service
 
 
-def get_registry(service: Service = Depends(get_ready_service)) -> ModelRegistry:
+async def get_registry(service: Service = Depends(get_ready_service)) -> ModelRegistry:
     return service.registry
 
 
@@ -41,7 +49,7 @@ def _unknown(name: str, registry: ModelRegistry) -> HTTPException:
     return HTTPException(404, f"unknown model {name!r}; available: {', '.join(registry.names())}")
 
 
-def get_loaded_model(name: str, registry: ModelRegistry = Depends(get_registry)) -> LoadedModel:
+async def get_loaded_model(name: str, registry: ModelRegistry = Depends(get_registry)) -> LoadedModel:
     """Path parameter `name` -> the loaded model, or 404 naming the models that exist."""
     try:
         return registry.get(name)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import copy
 
 import torch
 
 from models.checkpoint import LoadedModel
 from models.preprocessing import normalize
-
-log = logging.getLogger(__name__)
 
 
 def select_device(setting: str) -> torch.device:
@@ -25,17 +23,19 @@ def select_device(setting: str) -> torch.device:
 class Predictor:
     """uint8 image batch [N, 3, S, S] -> class probabilities [N, C] (float32, CPU).
 
-    On CUDA the weights and inputs are fp16 and NHWC (tensor cores, cuDNN's fastest layout);
-    on the CPU they stay fp32 / NCHW so results match `training.evaluate` exactly.
+    Runs its own copy of the model (the checkpoint's stays as loaded, for other readers):
+    NHWC (channels_last) memory format by default, which oneDNN on the CPU runs ~1.4-1.7x faster
+    than NCHW for these models and cuDNN prefers too; fp16 on CUDA (tensor cores). On the CPU it
+    stays fp32, so probabilities match `training.evaluate` to ~1e-6.
     """
 
     def __init__(self, loaded: LoadedModel, *, half: bool = True, channels_last: bool = True) -> None:
         self.loaded = loaded
         self.device = loaded.device
-        on_cuda = self.device.type == "cuda"
-        self.dtype = torch.float16 if half and on_cuda else torch.float32
-        self.memory_format = torch.channels_last if channels_last and on_cuda else torch.contiguous_format
-        self.model = loaded.model.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format).eval()
+        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = copy.deepcopy(loaded.model).to(device=self.device, dtype=self.dtype,
+                                                    memory_format=self.memory_format).eval()
         self.input_size = loaded.preprocessing.input_size
 
     @property
@@ -50,12 +50,18 @@ class Predictor:
         x = x.contiguous(memory_format=self.memory_format)
         return self.model(x).float().softmax(dim=1).cpu()
 
+    def ranked(self, images: torch.Tensor) -> list[tuple[list[int], list[float]]]:
+        """Per image: every class id by falling probability, and the probabilities, as plain lists,
+        so the event loop that answers the request does no tensor work."""
+        probabilities, class_ids = self(images).sort(dim=1, descending=True)
+        return list(zip(class_ids.tolist(), probabilities.tolist()))
+
     def warmup(self, max_batch_size: int) -> None:
         """Run every power-of-two batch size up to the maximum once, so the first requests do not pay
         for lazy initialisation (oneDNN primitives, CUDA context and kernels, allocator pools)."""
         size = 1
         while True:
-            self(torch.zeros(size, 3, self.input_size, self.input_size, dtype=torch.uint8))
+            self.ranked(torch.zeros(size, 3, self.input_size, self.input_size, dtype=torch.uint8))
             if size >= max_batch_size:
                 break
             size = min(size * 2, max_batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,8 +25,11 @@ class Settings(BaseSettings):
                                  description="every *.pt in it is served, named by its file stem")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     half: bool = Field(True, description="fp16 weights and inputs on CUDA (ignored on the CPU)")
-    channels_last: bool = Field(True, description="NHWC memory format on CUDA (ignored on the CPU)")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
+    channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU and CUDA)")
+    instances: int | None = Field(None, ge=1, description="forward passes that may run at once per model "
+                                                         "(default: 1 on CUDA, min(2, cores) on the CPU)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default on the CPU: "
+                                                              "cores / instances; on CUDA: torch's own)")
     warmup: bool = Field(True, description="run a forward pass at every batch size class before /readyz")
 
     max_batch_size: int = Field(64, ge=1, description="images per forward pass, at most")
@@ -45,6 +49,10 @@ class Settings(BaseSettings):
         if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return value
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @lru_cache

@@ -90,11 +90,13 @@ def test_max_wait_bounds_the_wait_for_company():
         batcher = DynamicBatcher(forward, max_batch_size=64, max_wait_s=max_wait_s, queue_size=100)
         batcher.start()
         started = time.perf_counter()
-        first = asyncio.ensure_future(batcher.predict([image(1)]))
-        done_at = []
-        first.add_done_callback(lambda _: done_at.append(time.perf_counter()))
-        await asyncio.sleep(gap_s)
-        second = asyncio.ensure_future(batcher.predict([image(2)]))
+        with batcher.expecting():  # a second request is being received
+            first = asyncio.ensure_future(batcher.predict([image(1)]))
+            done_at = []
+            first.add_done_callback(lambda _: done_at.append(time.perf_counter()))
+            await asyncio.sleep(gap_s)
+            second = asyncio.ensure_future(batcher.predict([image(2)]))
+            await asyncio.sleep(0)  # let it submit
         await asyncio.gather(first, second)
         await batcher.stop()
         return forward.sizes, done_at[0] - started
@@ -102,7 +104,23 @@ def test_max_wait_bounds_the_wait_for_company():
     sizes, latency = run(main(max_wait_s=0.3, gap_s=0.02))
     assert sizes == [2]  # the second image arrived within the wait and joined the first
     sizes, latency = run(main(max_wait_s=0.02, gap_s=0.3))
-    assert sizes == [1, 1] and latency < 0.25  # alone, the first went after ~max_wait, not after the gap
+    assert sizes == [1, 1] and latency < 0.25  # the first went after ~max_wait, not after the gap
+
+
+def test_a_lone_request_does_not_wait():
+    async def main():
+        forward = GatedForward()
+        batcher = DynamicBatcher(forward, max_batch_size=64, max_wait_s=5, queue_size=100)
+        batcher.start()
+        started = time.perf_counter()
+        with batcher.expecting():  # the request itself, as the route announces it
+            future = batcher.submit([image(1)])
+        await asyncio.gather(*future)
+        latency = time.perf_counter() - started
+        await batcher.stop()
+        return latency
+
+    assert run(main()) < 1  # nobody else announced: no reason to wait out the 5 s
 
 
 def test_full_queue_raises_queue_full_with_retry_after():

@@ -1,0 +1,204 @@
+"""`python -m bench` (or `make bench`): the service under HTTP load, next to what bounds it.
+
+For each model, at concurrency 1 and 32 (closed loop, wrk with keep-alive connections, one image
+per request as multipart/form-data, loopback only):
+
+- service:  `python -m app`, the real service with its dynamic batcher;
+- plain:    a hand-written per-request FastAPI handler, no batching (bench/plain_handler.py);
+and once:
+- ceiling:  a minimal FastAPI endpoint that only receives the upload (bench/receive_only.py);
+- bare:     the model's batched forward pass alone, in this process (bench/forward.py).
+
+Prints a table and the ratios the service is held to, and writes artifacts/bench.json.
+Every server runs alone while it is measured; nothing else should load the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from app.engine import Predictor, select_device
+from app.service import checkpoint_paths
+from app.settings import Settings
+from bench import forward, harness
+from models.checkpoint import load_checkpoint
+
+ROOT = harness.ROOT
+
+
+def sample_png() -> tuple[bytes, str]:
+    """A real GTSRB test image as PNG (a synthetic one when the data set is absent)."""
+    from PIL import Image
+
+    try:
+        from training.data import default_data_root, list_samples
+
+        path, _ = list_samples(default_data_root(), "test")[0]
+        image, name = Image.open(path).convert("RGB"), Path(path).with_suffix(".png").name
+    except (FileNotFoundError, ImportError):
+        image, name = Image.effect_noise((48, 48), 64).convert("RGB"), "noise.png"
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue(), name
+
+
+def measure(url: str, connections: list[int], duration_s: float, warmup_s: float, body: Path, boundary: str) -> dict:
+    results = {}
+    for c in connections:
+        if warmup_s > 0:
+            harness.run_wrk(url, c, warmup_s, body, boundary)
+        results[str(c)] = run = harness.run_wrk(url, c, duration_s, body, boundary)
+        print(f"  {url:60s} c={c:<3d} {run['requests_per_s']:8.1f} req/s  p50 {run['p50_ms']:6.2f} ms  "
+              f"p95 {run['p95_ms']:6.2f}  p99 {run['p99_ms']:6.2f}  errors {run['errors']}", flush=True)
+    return results
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint-dir", type=Path, default=Settings().checkpoint_dir)
+    parser.add_argument("--models", nargs="*", help="checkpoint stems (default: all served)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measured wrk run")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load before each run")
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench.json")
+    args = parser.parse_args()
+
+    harness.wrk_available()
+    settings = Settings(checkpoint_dir=args.checkpoint_dir)
+    paths = [p for p in checkpoint_paths(args.checkpoint_dir) if not args.models or p.stem in args.models]
+    if not paths:
+        raise SystemExit(f"no checkpoints to bench in {args.checkpoint_dir}")
+    work = ROOT / ".bench"
+    work.mkdir(exist_ok=True)
+    image, filename = sample_png()
+    body, boundary = harness.multipart_body(image, filename, work)
+    top = max(args.concurrency)
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "device": str(select_device(settings.device)), "loadavg_start": loadavg()},
+        "settings": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+                     "duration_s": args.duration, "upload_bytes": len(image), "image": filename},
+        "ceiling": {}, "models": {},
+    }
+    if report["machine"]["loadavg_start"] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {report['machine']['loadavg_start']:.1f} before the bench; something "
+              f"else is using the CPU and the numbers will be pessimistic", file=sys.stderr)
+
+    print("bare batched forward (in process):", flush=True)
+    device = select_device(settings.device)
+    for path in paths:
+        predictor = Predictor(load_checkpoint(path, device=device, name=path.stem), half=settings.half,
+                              channels_last=settings.channels_last)
+        bare = {str(bs): forward.images_per_second(predictor, bs) for bs in sorted({top, settings.max_batch_size})}
+        report["models"][path.stem] = {"bare_forward_images_per_s": bare}
+        print(f"  {path.stem}: " + ", ".join(f"batch {bs}: {v:.0f} images/s" for bs, v in bare.items()), flush=True)
+        del predictor
+
+    def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
+                          env: dict[str, str] | None = None) -> dict:
+        server = harness.start(name, command, port, ready, env=env, log_dir=work)
+        try:
+            return {key: measure(server.url + path, args.concurrency, args.duration, args.warmup, body, boundary)
+                    for key, path in urls.items()}
+        finally:
+            server.stop()
+
+    print("HTTP ceiling (receive-only FastAPI endpoints):", flush=True)
+    port = harness.free_port()
+    report["ceiling"] = serve_and_measure("receive-only", harness.uvicorn_command("bench.receive_only:app", port),
+                                          port, "/healthz", {"upload": "/v1/predict", "raw_body": "/raw"})
+
+    print("service (python -m app):", flush=True)
+    port = harness.free_port()
+    service = serve_and_measure(
+        "service", [sys.executable, "-m", "app"], port, "/readyz",
+        {p.stem: f"/v1/predict?model={p.stem}" for p in paths},
+        env={"SIGNSERVE_HOST": "127.0.0.1", "SIGNSERVE_PORT": str(port),
+             "SIGNSERVE_CHECKPOINT_DIR": str(args.checkpoint_dir)})
+    for name, runs in service.items():
+        report["models"][name]["service"] = runs
+
+    print("plain per-request handler (no batching):", flush=True)
+    for path in paths:
+        port = harness.free_port()
+        plain = serve_and_measure(f"plain-{path.stem}", harness.uvicorn_command("bench.plain_handler:create_app",
+                                                                                port, factory=True),
+                                  port, "/healthz", {"plain": "/v1/predict"}, env={"BENCH_CHECKPOINT": str(path)})
+        report["models"][path.stem]["plain"] = plain["plain"]
+
+    report["machine"]["loadavg_end"] = loadavg()
+    report["summary"] = summarize(report, top, settings.max_batch_size)
+    print_table(report, args.concurrency, top)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def summarize(report: dict, top: int, max_batch: int) -> dict:
+    ceiling = report["ceiling"]["upload"][str(top)]["requests_per_s"]
+    summary = {}
+    for name, m in report["models"].items():
+        bare = m["bare_forward_images_per_s"][str(max_batch)]
+        service = m["service"][str(top)]["requests_per_s"]
+        plain = m["plain"][str(top)]["requests_per_s"]
+        bound = min(bare, ceiling)
+        summary[name] = {
+            f"service_c{top}_over_min_bare_ceiling": service / bound,
+            f"service_c{top}_over_plain_c{top}": service / plain,
+            "service_c1_p50_ms": m["service"]["1"]["p50_ms"] if "1" in m["service"] else None,
+            "bound_requests_per_s": bound,
+            "bound_is": "bare forward" if bare < ceiling else "HTTP ceiling",
+        }
+    return summary
+
+
+def print_table(report: dict, concurrency: list[int], top: int) -> None:
+    print("\n| model | server | concurrency | requests/s | p50 ms | p95 ms | p99 ms |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    rows = [("—", "receive-only (HTTP ceiling)", report["ceiling"]["upload"]),
+            ("—", "receive-only, raw body", report["ceiling"]["raw_body"])]
+    for name, m in report["models"].items():
+        rows += [(name, "signserve (batched)", m["service"]), (name, "plain handler", m["plain"])]
+    for model, server, runs in rows:
+        for c in concurrency:
+            r = runs[str(c)]
+            print(f"| {model} | {server} | {c} | {r['requests_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} "
+                  f"| {r['p99_ms']:.2f} |")
+    print()
+    for name, m in report["models"].items():
+        s = report["summary"][name]
+        bare = ", ".join(f"batch {bs} {v:.0f}/s" for bs, v in m["bare_forward_images_per_s"].items())
+        ratio_bound = s[f"service_c{top}_over_min_bare_ceiling"]
+        ratio_plain = s[f"service_c{top}_over_plain_c{top}"]
+        print(f"{name}: bare forward {bare}; bound = {s['bound_is']} {s['bound_requests_per_s']:.0f}/s")
+        print(f"  service c={top} / min(bare, ceiling) = {ratio_bound:.2f}  (target >= 0.70: "
+              f"{'met' if ratio_bound >= 0.7 else 'NOT met'})")
+        print(f"  service c={top} / plain c={top}      = {ratio_plain:.2f}  (target >= 2: "
+              f"{'met' if ratio_plain >= 2 else 'NOT met'})")
+        if s["service_c1_p50_ms"] is not None:
+            print(f"  service c=1 p50 = {s['service_c1_p50_ms']:.2f} ms" +
+                  ("  (target for cnn < 10 ms: " + ("met" if s["service_c1_p50_ms"] < 10 else "NOT met") + ")"
+                   if name == "cnn" else ""))
+    m = report["machine"]
+    print(f"\n{m['cpus']} CPUs ({m['processor']}), torch {m['torch']} with {m['torch_threads']} threads, "
+          f"device {m['device']}; load average {m['loadavg_start']:.1f} before, {m['loadavg_end']:.1f} after")
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"bench took {time.perf_counter() - start:.0f} s")
