@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from app.engine import Predictor, select_device
-from app.service import checkpoint_paths
+from app.service import checkpoint_paths, execution_plan
 from app.settings import Settings
 from bench import forward, harness
 from models.checkpoint import load_checkpoint
@@ -51,7 +51,7 @@ def sample_png() -> tuple[bytes, str]:
     return buffer.getvalue(), name
 
 
-def measure(url: str, connections: list[int], duration_s: float, warmup_s: float, body: Path, boundary: str) -> dict:
+def measure(url: str, connections: list[int], duration_s: int, warmup_s: int, body: Path, boundary: str) -> dict:
     results = {}
     for c in connections:
         if warmup_s > 0:
@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", type=Path, default=Settings().checkpoint_dir)
     parser.add_argument("--models", nargs="*", help="checkpoint stems (default: all served)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--duration", type=float, default=10, help="seconds per measured wrk run")
-    parser.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load before each run")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each run (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench.json")
     args = parser.parse_args()
 
@@ -100,12 +100,20 @@ def main() -> None:
 
     print("bare batched forward (in process):", flush=True)
     device = select_device(settings.device)
+    instances, threads = execution_plan(settings, device)
+    report["machine"]["service_plan"] = {"instances": instances, "torch_threads": threads}
     for path in paths:
         predictor = Predictor(load_checkpoint(path, device=device, name=path.stem), half=settings.half,
                               channels_last=settings.channels_last)
-        bare = {str(bs): forward.images_per_second(predictor, bs) for bs in sorted({top, settings.max_batch_size})}
+        bare = {
+            f"1 forward x {torch.get_num_threads()} threads, batch {settings.max_batch_size}":
+                forward.images_per_second(predictor, settings.max_batch_size),
+            f"{instances} forwards x {threads or torch.get_num_threads()} threads, batch {settings.max_batch_size}":
+                forward.images_per_second(predictor, settings.max_batch_size, instances=instances, threads=threads),
+        }
         report["models"][path.stem] = {"bare_forward_images_per_s": bare}
-        print(f"  {path.stem}: " + ", ".join(f"batch {bs}: {v:.0f} images/s" for bs, v in bare.items()), flush=True)
+        for config, value in bare.items():
+            print(f"  {path.stem}: {config}: {value:.0f} images/s", flush=True)
         del predictor
 
     def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
@@ -141,24 +149,27 @@ def main() -> None:
         report["models"][path.stem]["plain"] = plain["plain"]
 
     report["machine"]["loadavg_end"] = loadavg()
-    report["summary"] = summarize(report, top, settings.max_batch_size)
+    report["summary"] = summarize(report, top)
     print_table(report, args.concurrency, top)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 
-def summarize(report: dict, top: int, max_batch: int) -> dict:
+def summarize(report: dict, top: int) -> dict:
+    """The issue's targets. `bare` is the better of the two forward configurations, so the bound is
+    the strictest honest one; the ratio to the plain single-forward loop is kept alongside."""
     ceiling = report["ceiling"]["upload"][str(top)]["requests_per_s"]
     summary = {}
     for name, m in report["models"].items():
-        bare = m["bare_forward_images_per_s"][str(max_batch)]
+        configs = m["bare_forward_images_per_s"]
+        bare, plain_loop = max(configs.values()), next(iter(configs.values()))
         service = m["service"][str(top)]["requests_per_s"]
-        plain = m["plain"][str(top)]["requests_per_s"]
         bound = min(bare, ceiling)
         summary[name] = {
             f"service_c{top}_over_min_bare_ceiling": service / bound,
-            f"service_c{top}_over_plain_c{top}": service / plain,
+            f"service_c{top}_over_min_single_forward_loop_ceiling": service / min(plain_loop, ceiling),
+            f"service_c{top}_over_plain_c{top}": service / m["plain"][str(top)]["requests_per_s"],
             "service_c1_p50_ms": m["service"]["1"]["p50_ms"] if "1" in m["service"] else None,
             "bound_requests_per_s": bound,
             "bound_is": "bare forward" if bare < ceiling else "HTTP ceiling",
@@ -181,12 +192,14 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
     print()
     for name, m in report["models"].items():
         s = report["summary"][name]
-        bare = ", ".join(f"batch {bs} {v:.0f}/s" for bs, v in m["bare_forward_images_per_s"].items())
+        bare = "; ".join(f"{config}: {v:.0f}/s" for config, v in m["bare_forward_images_per_s"].items())
         ratio_bound = s[f"service_c{top}_over_min_bare_ceiling"]
+        ratio_loop = s[f"service_c{top}_over_min_single_forward_loop_ceiling"]
         ratio_plain = s[f"service_c{top}_over_plain_c{top}"]
-        print(f"{name}: bare forward {bare}; bound = {s['bound_is']} {s['bound_requests_per_s']:.0f}/s")
-        print(f"  service c={top} / min(bare, ceiling) = {ratio_bound:.2f}  (target >= 0.70: "
-              f"{'met' if ratio_bound >= 0.7 else 'NOT met'})")
+        print(f"{name}: bare forward {bare}")
+        print(f"  bound = min(best bare forward, HTTP ceiling) = {s['bound_is']} {s['bound_requests_per_s']:.0f}/s")
+        print(f"  service c={top} / bound = {ratio_bound:.2f}  (target >= 0.70: "
+              f"{'met' if ratio_bound >= 0.7 else 'NOT met'}; against the single-forward loop: {ratio_loop:.2f})")
         print(f"  service c={top} / plain c={top}      = {ratio_plain:.2f}  (target >= 2: "
               f"{'met' if ratio_plain >= 2 else 'NOT met'})")
         if s["service_c1_p50_ms"] is not None:
@@ -194,8 +207,10 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
                   ("  (target for cnn < 10 ms: " + ("met" if s["service_c1_p50_ms"] < 10 else "NOT met") + ")"
                    if name == "cnn" else ""))
     m = report["machine"]
-    print(f"\n{m['cpus']} CPUs ({m['processor']}), torch {m['torch']} with {m['torch_threads']} threads, "
-          f"device {m['device']}; load average {m['loadavg_start']:.1f} before, {m['loadavg_end']:.1f} after")
+    plan = m["service_plan"]
+    print(f"\n{m['cpus']} CPUs ({m['processor']}), torch {m['torch']}, device {m['device']}; the service ran "
+          f"{plan['instances']} forward instance(s) x {plan['torch_threads'] or m['torch_threads']} torch thread(s); "
+          f"load average {m['loadavg_start']:.1f} before, {m['loadavg_end']:.1f} after")
 
 
 if __name__ == "__main__":

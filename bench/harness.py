@@ -94,9 +94,9 @@ def wrk_available() -> str:
     return found
 
 
-def run_wrk(url: str, connections: int, duration_s: float, body: Path, boundary: str, threads: int = 1) -> dict:
+def run_wrk(url: str, connections: int, duration_s: int, body: Path, boundary: str, threads: int = 1) -> dict:
     """One wrk run: closed loop, `connections` keep-alive connections each with one request in flight."""
-    command = [wrk_available(), f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration_s:g}s",
+    command = [wrk_available(), f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration_s}s",
                "--timeout", "10s", "-s", str(LUA_SCRIPT), url]
     env = {**os.environ, "BENCH_BODY": str(body), "BENCH_BOUNDARY": boundary}
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration_s + 60)
