@@ -134,6 +134,16 @@ def test_animated_gif_uses_first_frame(client, sign_image):
     assert max(abs(still[c] - first[c]) for c in still) < 1e-5
 
 
+def test_large_photos_are_decoded_off_the_event_loop_and_classified(client, sign_image):
+    """Phone-sized uploads take the thread-pool path (and JPEG's reduced-size decoding)."""
+    image, _ = sign_image
+    big = image.resize((2400, 2400), Image.Resampling.BICUBIC)
+    body = predict(client, ("small.png", encode(image, "PNG")), ("big.jpg", encode(big, "JPEG", quality=90)),
+                   ("big.png", encode(big, "PNG", compress_level=1)), model="cnn")
+    small, big_jpeg, big_png = (top(r)["class_id"] for r in body["results"])
+    assert small == big_jpeg == big_png
+
+
 @pytest.mark.slow
 def test_accuracy_over_http_matches_training_evaluate(server, client, gtsrb_test_samples):
     """Real GTSRB test images, uploaded as PNG and as JPEG, are classified as accurately as
