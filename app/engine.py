@@ -46,8 +46,8 @@ class Predictor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             images = images.pin_memory().to(self.device, non_blocking=True)
-        x = normalize(images, self.loaded.preprocessing, dtype=self.dtype)
-        x = x.contiguous(memory_format=self.memory_format)
+        # normalise in fp32 (0..255 minus the mean loses bits in fp16), then cast
+        x = normalize(images, self.loaded.preprocessing).to(self.dtype, memory_format=self.memory_format)
         return self.model(x).float().softmax(dim=1).cpu()
 
     def ranked(self, images: torch.Tensor) -> list[tuple[list[int], list[float]]]:

@@ -28,7 +28,13 @@ async def lifespan(app: FastAPI):
     service: Service = app.state.service
     paths = service.check_startup()
     loading = asyncio.create_task(service.load(paths))
-    loading.add_done_callback(lambda _: setattr(app.state, "registry", service.registry))
+
+    def loaded(task: asyncio.Task) -> None:
+        app.state.registry = service.registry  # for code that reads the registry off app.state
+        if not task.cancelled() and task.exception() is not None:
+            log.error("loading the models failed", exc_info=task.exception())
+
+    loading.add_done_callback(loaded)
     try:
         yield
     finally:
