@@ -103,3 +103,14 @@ def test_metrics_csv_has_the_six_columns():
     text = metrics_csv(METRICS)
     assert text.splitlines()[0] == "epoch,train_loss,train_accuracy,test_loss,test_accuracy,seconds"
     assert text.splitlines()[1].startswith("1,1.500000,0.600000,1.700000,0.550000,")
+
+
+def test_saved_files_are_world_readable_like_a_plain_open(tmp_path):
+    # mkstemp would leave 0600: a container's non-root user could not read a mounted checkpoint.
+    _, ckpt = _checkpoint()
+    old = os.umask(0o022)
+    try:
+        atomic_save(ckpt, tmp_path / "cnn.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "cnn.pt").stat().st_mode & 0o777 == 0o644
