@@ -19,6 +19,7 @@ from app.engine import Predictor, select_device
 from app.observability import ServiceMetrics
 from app.registry import ModelRegistry
 from app.settings import Settings, available_cores
+from app.workers import WorkerPool
 from models.checkpoint import LoadedModel, load_checkpoint
 
 log = logging.getLogger("signserve")
@@ -29,26 +30,32 @@ def checkpoint_paths(directory: Path) -> list[Path]:
     return sorted(p for p in Path(directory).glob("*.pt") if not p.name.endswith(".state.pt"))
 
 
-def execution_plan(settings: Settings, device: torch.device) -> tuple[int, int | None]:
-    """(forward instances per model, torch intra-op threads or None for torch's default).
+@dataclass(frozen=True)
+class ExecutionPlan:
+    instances: int  # forward passes that may run at once per model
+    torch_threads: int | None  # intra-op threads per forward; None: torch's default
+    processes: bool  # forwards in worker processes (app.workers) rather than threads of this one
 
-    On the CPU the cores are split between single-purpose instances rather than one wide forward:
-    two 1-thread forwards on 2 cores keep both busy without OpenMP barriers that stall whenever the
-    event loop (HTTP, decoding) takes a core for a moment. On CUDA one instance feeds the GPU.
-    """
+
+def execution_plan(settings: Settings, device: torch.device) -> ExecutionPlan:
+    """How forwards run. On the CPU the cores are split between single-threaded instances rather
+    than one wide forward (OpenMP barriers stall whenever the event loop takes a core for a moment),
+    and the instances are worker processes, so they never wait for the event loop's GIL. On CUDA
+    one in-process forward feeds the GPU."""
     if device.type == "cuda":
-        return settings.instances or 1, settings.torch_threads
+        return ExecutionPlan(settings.instances or 1, settings.torch_threads, bool(settings.worker_processes))
     cores = available_cores()
     instances = settings.instances or min(2, cores)
-    return instances, settings.torch_threads or max(1, cores // instances)
+    processes = True if settings.worker_processes is None else settings.worker_processes
+    return ExecutionPlan(instances, settings.torch_threads or max(1, cores // instances), processes)
 
 
 @dataclass
 class ServedModel:
     loaded: LoadedModel
-    predictor: Predictor
     batcher: DynamicBatcher
     load_seconds: float
+    predictor: Predictor | None = None  # the in-process forward; None when worker processes run it
 
 
 @dataclass
@@ -56,11 +63,12 @@ class Service:
     settings: Settings
     metrics: ServiceMetrics
     device: torch.device | None = None
+    plan: ExecutionPlan | None = None
     models: dict[str, ServedModel] = field(default_factory=dict)
     registry: ModelRegistry = field(default_factory=lambda: ModelRegistry({}))
     load_errors: dict[str, str] = field(default_factory=dict)
     ready: bool = False
-    instances: int = 1
+    workers: WorkerPool | None = None
 
     def check_startup(self) -> list[Path]:
         """Fail start-up at once on what no waiting fixes: no checkpoints, or an impossible device."""
@@ -69,43 +77,65 @@ class Service:
             raise RuntimeError(f"no *.pt checkpoints in {self.settings.checkpoint_dir} "
                                "(set SIGNSERVE_CHECKPOINT_DIR, or train one with `make train`)")
         self.device = select_device(self.settings.device)
-        self.instances, threads = execution_plan(self.settings, self.device)
-        if threads:
-            torch.set_num_threads(threads)
-        log.info("device %s, %d forward instance(s) per model, %d torch thread(s)", self.device, self.instances,
-                 torch.get_num_threads())
+        self.plan = plan = execution_plan(self.settings, self.device)
+        if plan.processes:
+            torch.set_num_threads(1)  # this process only converts decoded images to tensors
+        elif plan.torch_threads:
+            torch.set_num_threads(plan.torch_threads)
+        log.info("device %s; %d forward instance(s) per model in %s, %s torch thread(s) each", self.device,
+                 plan.instances, "worker processes" if plan.processes else "threads",
+                 plan.torch_threads or torch.get_num_threads())
         return paths
 
-    def _load_one(self, path: Path) -> tuple[LoadedModel, Predictor]:
+    def _load_one(self, path: Path) -> tuple[LoadedModel, Predictor | None]:
         loaded = load_checkpoint(path, device=self.device, name=path.stem)
+        if self.plan.processes:
+            return loaded, None  # metadata here; the workers load their own copy to run
         predictor = Predictor(loaded, half=self.settings.half, channels_last=self.settings.channels_last)
         if self.settings.warmup:
             predictor.warmup(self.settings.max_batch_size)
         return loaded, predictor
 
     async def load(self, paths: list[Path]) -> None:
-        s = self.settings
+        s, plan = self.settings, self.plan
+        loaded: dict[str, tuple[LoadedModel, Predictor | None, float, Path]] = {}
         for path in paths:
             started = time.perf_counter()
             try:
-                loaded, predictor = await asyncio.to_thread(self._load_one, path)
+                model, predictor = await asyncio.to_thread(self._load_one, path)
             except Exception as exc:  # one bad file must not take the other models down
                 log.error("skipping checkpoint %s: %s", path, exc)
                 self.load_errors[path.name] = str(exc)
                 continue
-            seconds = time.perf_counter() - started
-            name = loaded.name
-            batcher = DynamicBatcher(predictor.ranked, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
-                                     queue_size=s.queue_size, instances=self.instances, name=name,
+            loaded[model.name] = (model, predictor, time.perf_counter() - started, path)
+        pool_seconds = 0.0
+        if plan.processes and loaded:
+            started = time.perf_counter()
+            self.workers = WorkerPool(WorkerPool.config_for(
+                {name: path for name, (_, _, _, path) in loaded.items()}, self.device, half=s.half,
+                channels_last=s.channels_last, threads=plan.torch_threads or 1,
+                warmup_batch_size=s.max_batch_size if s.warmup else None), plan.instances)
+            try:
+                await asyncio.to_thread(self.workers.start)
+            except Exception as exc:
+                log.error("the forward workers did not start: %s", exc)
+                self.load_errors["workers"] = str(exc)
+                return
+            pool_seconds = time.perf_counter() - started
+        for name, (model, predictor, seconds, _) in loaded.items():
+            forward = self.workers.forward(name) if self.workers else predictor.ranked
+            batcher = DynamicBatcher(forward, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
+                                     queue_size=s.queue_size, instances=plan.instances, name=name,
                                      on_batch=self.metrics.batch_observer(name))
             batcher.start()
-            self.models[name] = ServedModel(loaded, predictor, batcher, seconds)
+            seconds += pool_seconds
+            self.models[name] = ServedModel(model, batcher, seconds, predictor)
             self.metrics.model_load_seconds.labels(name).set(seconds)
             self.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
-            self.metrics.model_info.labels(name, loaded.architecture, str(loaded.device), loaded.sha256).set(1)
-            self.metrics.watch_device(loaded.device)
-            log.info("loaded %s (%s, %d parameters, test accuracy %s) on %s in %.2f s", name, loaded.architecture,
-                     loaded.parameters, loaded.test_accuracy, loaded.device, seconds)
+            self.metrics.model_info.labels(name, model.architecture, str(model.device), model.sha256).set(1)
+            self.metrics.watch_device(model.device)
+            log.info("serving %s (%s, %d parameters, test accuracy %s) on %s, ready in %.2f s", name,
+                     model.architecture, model.parameters, model.test_accuracy, model.device, seconds)
         self.registry = ModelRegistry({name: m.loaded for name, m in self.models.items()})
         self.ready = bool(self.models)
         if not self.ready:
@@ -115,3 +145,5 @@ class Service:
         self.ready = False
         for served in self.models.values():
             await served.batcher.stop()
+        if self.workers is not None:
+            await asyncio.to_thread(self.workers.close)

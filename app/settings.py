@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU and CUDA)")
     instances: int | None = Field(None, ge=1, description="forward passes that may run at once per model "
                                                          "(default: 1 on CUDA, min(2, cores) on the CPU)")
+    worker_processes: bool | None = Field(None, description="run forward passes in worker processes, away "
+                                                            "from the event loop's GIL (default: on the CPU)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default on the CPU: "
                                                               "cores / instances; on CUDA: torch's own)")
     warmup: bool = Field(True, description="run a forward pass at every batch size class before /readyz")

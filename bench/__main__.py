@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 
 from app.engine import Predictor, select_device
 from app.service import checkpoint_paths, execution_plan
+from app.workers import WorkerPool
 from app.settings import Settings
 from bench import forward, harness
 from models.checkpoint import load_checkpoint
@@ -98,23 +100,40 @@ def main() -> None:
         print(f"warning: load average {report['machine']['loadavg_start']:.1f} before the bench; something "
               f"else is using the CPU and the numbers will be pessimistic", file=sys.stderr)
 
-    print("bare batched forward (in process):", flush=True)
+    print("bare batched forward:", flush=True)
     device = select_device(settings.device)
-    instances, threads = execution_plan(settings, device)
-    report["machine"]["service_plan"] = {"instances": instances, "torch_threads": threads}
+    plan = execution_plan(settings, device)
+    report["machine"]["service_plan"] = asdict(plan)
+    batch_size = settings.max_batch_size
+    plan_label = (f"{plan.instances} {'processes' if plan.processes else 'threads'} x "
+                  f"{plan.torch_threads or torch.get_num_threads()} torch threads, batch {batch_size}")
+    predictors = {}
     for path in paths:
-        predictor = Predictor(load_checkpoint(path, device=device, name=path.stem), half=settings.half,
-                              channels_last=settings.channels_last)
-        bare = {
-            f"1 forward x {torch.get_num_threads()} threads, batch {settings.max_batch_size}":
-                forward.images_per_second(predictor, settings.max_batch_size),
-            f"{instances} forwards x {threads or torch.get_num_threads()} threads, batch {settings.max_batch_size}":
-                forward.images_per_second(predictor, settings.max_batch_size, instances=instances, threads=threads),
-        }
-        report["models"][path.stem] = {"bare_forward_images_per_s": bare}
-        for config, value in bare.items():
-            print(f"  {path.stem}: {config}: {value:.0f} images/s", flush=True)
-        del predictor
+        predictors[path.stem] = predictor = Predictor(load_checkpoint(path, device=device, name=path.stem),
+                                                      half=settings.half, channels_last=settings.channels_last)
+        rate = forward.images_per_second(predictor, batch_size)
+        report["models"][path.stem] = {"bare_forward_images_per_s": {
+            f"1 forward x {torch.get_num_threads()} torch threads, batch {batch_size}": rate}}
+        print(f"  {path.stem}: 1 forward x {torch.get_num_threads()} torch threads: {rate:.0f} images/s", flush=True)
+    if plan.processes:  # the service's worker processes, fed from as many threads
+        pool = WorkerPool(WorkerPool.config_for({p.stem: p for p in paths}, device, half=settings.half,
+                                                channels_last=settings.channels_last, threads=plan.torch_threads or 1,
+                                                warmup_batch_size=batch_size), plan.instances)
+        pool.start()
+        try:
+            plan_rates = {p.stem: forward.concurrent_images_per_second(
+                pool.forward(p.stem), forward.random_batch(batch_size, predictors[p.stem].input_size),
+                plan.instances, 3.0) for p in paths}
+        finally:
+            pool.close()
+    else:
+        plan_rates = {name: forward.images_per_second(predictor, batch_size, instances=plan.instances,
+                                                      threads=plan.torch_threads)
+                      for name, predictor in predictors.items()}
+    for name, rate in plan_rates.items():
+        report["models"][name]["bare_forward_images_per_s"][plan_label] = rate
+        print(f"  {name}: {plan_label}: {rate:.0f} images/s", flush=True)
+    predictors.clear()
 
     def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
                           env: dict[str, str] | None = None) -> dict:
@@ -209,7 +228,8 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
     m = report["machine"]
     plan = m["service_plan"]
     print(f"\n{m['cpus']} CPUs ({m['processor']}), torch {m['torch']}, device {m['device']}; the service ran "
-          f"{plan['instances']} forward instance(s) x {plan['torch_threads'] or m['torch_threads']} torch thread(s); "
+          f"{plan['instances']} forward instance(s) in {'processes' if plan['processes'] else 'threads'} x "
+          f"{plan['torch_threads'] or m['torch_threads']} torch thread(s); "
           f"load average {m['loadavg_start']:.1f} before, {m['loadavg_end']:.1f} after")
 
 

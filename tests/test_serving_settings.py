@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.service import execution_plan
+from app.service import ExecutionPlan, execution_plan
 from app.settings import Settings, available_cores
 from conftest import start_server
 
@@ -40,12 +40,14 @@ def test_invalid_settings_are_refused(monkeypatch, key, value):
         Settings()
 
 
-def test_cpu_plan_splits_the_cores_between_instances():
+def test_cpu_plan_splits_the_cores_between_worker_processes():
     cores = available_cores()
-    instances, threads = execution_plan(Settings(), torch.device("cpu"))
-    assert instances == min(2, cores) and threads == max(1, cores // instances)
-    assert execution_plan(Settings(instances=1, torch_threads=3), torch.device("cpu")) == (1, 3)
-    assert execution_plan(Settings(), torch.device("cuda")) == (1, None)
+    plan = execution_plan(Settings(), torch.device("cpu"))
+    assert plan.instances == min(2, cores) and plan.torch_threads == max(1, cores // plan.instances)
+    assert plan.processes
+    assert execution_plan(Settings(instances=1, torch_threads=3, worker_processes=False), torch.device("cpu")) == \
+        ExecutionPlan(1, 3, False)
+    assert execution_plan(Settings(), torch.device("cuda")) == ExecutionPlan(1, None, False)
 
 
 def test_no_checkpoints_fails_start_up_loudly(tmp_path):
