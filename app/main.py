@@ -46,6 +46,12 @@ async def _rejected(request: Request, exc: UploadRejected | ImageRejected) -> JS
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug or a broken model, not the client's fault: JSON like every other answer, logged in full."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -61,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(PrometheusMiddleware, metrics=metrics)
     app.add_exception_handler(UploadRejected, _rejected)
     app.add_exception_handler(ImageRejected, _rejected)
+    app.add_exception_handler(Exception, _internal_error)
 
     app.include_router(predict.router)
     app.include_router(models.router)

@@ -18,6 +18,7 @@ from app.schemas.predict import FileResult, Prediction, PredictResponse
 from app.service import ServedModel
 from app.settings import Settings
 from app.uploads import Upload, read_files
+from app.workers import WorkerDied
 from models.classes import NUM_CLASSES
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -84,7 +85,8 @@ async def decode_all(uploads: list[Upload], served: ServedModel, max_pixels: int
         413: {"model": ErrorResponse, "description": "file over the size limit, too many files, or an "
                                                       "image declaring too many pixels"},
         415: {"model": ErrorResponse, "description": "the body is not multipart/form-data"},
-        503: {"model": ErrorResponse, "description": "queue full or models still loading; see Retry-After"},
+        503: {"model": ErrorResponse, "description": "queue full, models still loading, or a forward worker "
+                                                      "restarting; see Retry-After"},
     },
 )
 async def predict(
@@ -110,7 +112,10 @@ async def predict(
         except QueueFull as exc:
             metrics.queue_rejections.labels(served.loaded.name).inc()
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    ranked = await asyncio.gather(*futures)  # per image: (class ids, probabilities), most probable first
+    try:
+        ranked = await asyncio.gather(*futures)  # per image: (class ids, probabilities), most probable first
+    except WorkerDied as exc:  # already replaced; the client may simply retry
+        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
     metrics.prediction_duration.labels(served.loaded.name).observe(time.perf_counter() - started)
     labels, k = served.loaded.class_names, top_k
     return PredictResponse(model=served.loaded.name, results=[
