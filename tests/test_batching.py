@@ -239,9 +239,12 @@ def test_concurrent_http_requests_share_forward_passes(server, client, sign_png)
 
 @pytest.fixture(scope="module")
 def small_queue_server(checkpoint_snapshot, tmp_path_factory):
-    """A server whose queue holds exactly one request of 8 images, batching one image at a time."""
+    """A server whose queue holds exactly one request of 8 images, batching one image at a time;
+    its forwards run in threads of the server process (the CUDA default), the other servers' in
+    worker processes."""
     live = start_server(checkpoint_snapshot, tmp_path_factory.mktemp("small-queue") / "server.log",
-                        queue_size=8, max_files_per_request=8, max_batch_size=1, max_wait_ms=0)
+                        queue_size=8, max_files_per_request=8, max_batch_size=1, max_wait_ms=0,
+                        worker_processes="false")
     yield live
     live.stop()
 
@@ -258,5 +261,6 @@ def test_full_queue_answers_503_with_retry_after(small_queue_server, sign_png):
             assert "queued" in r.json()["detail"]
     with small_queue_server.client() as client:
         assert client.post("/v1/predict", files=body).status_code == 200  # recovered once the queue drained
+        assert "in threads" in small_queue_server.log()
         rejected = value(samples(client.get("/metrics").text), "signserve_queue_rejections_total", model="cnn")
         assert rejected == statuses.count(503)
