@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from models.checkpoint import LoadedModel, load_checkpoint
+from models.checkpoint import LoadedModel
 
 
 class ModelRegistry:
     def __init__(self, models: dict[str, LoadedModel]) -> None:
         self._models = dict(models)
-
-    @classmethod
-    def from_directory(cls, directory: str | Path, device: torch.device | str) -> "ModelRegistry":
-        """Every *.pt checkpoint in `directory` (resume-state files excluded)."""
-        paths = sorted(p for p in Path(directory).glob("*.pt") if not p.name.endswith(".state.pt"))
-        return cls({p.stem: load_checkpoint(p, device=device, name=p.stem) for p in paths})
 
     def names(self) -> list[str]:
         return list(self._models)
