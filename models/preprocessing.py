@@ -24,6 +24,9 @@ class Preprocessing:
     mean: tuple[float, float, float] = GTSRB_MEAN
     std: tuple[float, float, float] = GTSRB_STD
     interpolation: str = "bilinear"  # PIL resample filter used to reach input_size x input_size
+    # Histogram-equalise the luminance after resizing: many GTSRB photos are taken at dusk or against
+    # glare, and a sign's contrast, not its exposure, is what identifies it.
+    equalize: bool = True
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -35,6 +38,7 @@ class Preprocessing:
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
             interpolation=str(d["interpolation"]),
+            equalize=bool(d.get("equalize", False)),  # absent in checkpoints from before the option
         )
 
 
@@ -49,6 +53,9 @@ def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
     if image.mode != "RGB":
         image = image.convert("RGB")
     image = image.resize((pre.input_size, pre.input_size), _RESAMPLE[pre.interpolation])
+    if pre.equalize:
+        y, cb, cr = image.convert("YCbCr").split()
+        image = Image.merge("YCbCr", (ImageOps.equalize(y), cb, cr)).convert("RGB")
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 

@@ -55,3 +55,16 @@ def test_modes_and_exif_orientation_are_normalised():
     upright = image_to_uint8(Image.open(io.BytesIO(buf.getvalue())), pre).numpy().astype(int)
     assert upright[2, :, :2].mean() > upright[0, :, :2].mean()  # blue dominates on the left
     assert upright[0, :, -2:].mean() > upright[2, :, -2:].mean()  # red on the right
+
+
+def test_checkpoints_from_before_equalisation_keep_their_preprocessing():
+    old = {"input_size": 48, "mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2], "interpolation": "bilinear"}
+    assert Preprocessing.from_dict(old).equalize is False
+    assert Preprocessing().equalize is True
+
+
+def test_equalisation_stretches_a_dark_image():
+    dark = Image.fromarray(np.random.default_rng(0).integers(0, 40, (32, 32, 3), dtype=np.uint8))
+    plain = image_to_uint8(dark, Preprocessing(input_size=32, equalize=False))
+    equalized = image_to_uint8(dark, Preprocessing(input_size=32, equalize=True))
+    assert int(plain.max()) < 40 and int(equalized.max()) > 200

@@ -38,8 +38,16 @@ def test_shipped_resnet18_says_it_started_from_random_weights():
     assert load_checkpoint(CHECKPOINTS / "resnet18.pt").start_weights == "random"
 
 
+# What the README promises for each shipped model on the real test split (4,001 images).
+PROMISED_ACCURACY = {"cnn": 0.99, "resnet18": 0.85}
+
+
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
-def test_shipped_model_reaches_99_percent_on_the_real_test_split(name):
-    report = evaluate(CHECKPOINTS / f"{name}.pt")
+def test_shipped_model_scores_what_it_recorded_and_what_we_promise(name):
+    path = CHECKPOINTS / f"{name}.pt"
+    report = evaluate(path)
     assert report["n"] == 4001
-    assert report["accuracy"] >= 0.99, report
+    # The figure in the checkpoint (and so in the README and /v1/models) is reproducible:
+    # fp16 storage may flip a prediction or two, no more.
+    assert report["accuracy"] == pytest.approx(load_checkpoint(path).test_accuracy, abs=0.001)
+    assert report["accuracy"] >= PROMISED_ACCURACY[name], report
