@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.harness import free_port
 from models.architectures import build_model
 from models.checkpoint import atomic_save, make_checkpoint
 from models.classes import CLASS_NAMES
@@ -229,12 +229,6 @@ def test_docker_compose_validates_the_file(tmp_path):
 
 
 # ---------------------------------------------------------------- the healthcheck, live
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
