@@ -60,7 +60,7 @@ def test_modes_and_exif_orientation_are_normalised():
 def test_checkpoints_from_before_equalisation_keep_their_preprocessing():
     old = {"input_size": 48, "mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2], "interpolation": "bilinear"}
     assert Preprocessing.from_dict(old).equalize is False
-    assert Preprocessing().equalize is True
+    assert Preprocessing().equalize is False
 
 
 def test_equalisation_stretches_a_dark_image():

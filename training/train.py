@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local ImageNet ResNet18 weights file (implies --start-weights imagenet)")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default cnn 32, resnet18 48)")
     p.add_argument("--no-augment", action="store_true", help="train on the plain images")
-    p.add_argument("--no-equalize", action="store_true", help="skip the luminance histogram equalisation")
+    p.add_argument("--equalize", action="store_true", help="histogram-equalise each image's luminance")
     p.add_argument("--train-metrics", default="full", choices=["full", "running"],
                    help="full: an eval-mode pass over the train split each epoch; running: the training "
                         "batches' average (cheaper, but with augmentation and dropout on)")
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     autocast = device.type == "cuda"  # bf16 mixed precision: ~2x faster, no loss scaling needed
     torch.manual_seed(args.seed + rank)
 
-    pre = Preprocessing(input_size=args.input_size, equalize=not args.no_equalize)
+    pre = Preprocessing(input_size=args.input_size, equalize=args.equalize)
     try:
         model = build_model(args.model, start_weights=args.start_weights, weights_path=args.weights)
     except PretrainedWeightsUnavailable as exc:
