@@ -27,7 +27,7 @@ from helpers import encode
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_DIR = ROOT / "models" / "checkpoints"
 ARTIFACTS = ROOT / "artifacts"
-STARTUP_TIMEOUT_S = 180
+STARTUP_TIMEOUT_S = 400  # two worker processes load and warm up every model; slow on a busy 2-core CI box
 
 
 @dataclass

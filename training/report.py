@@ -19,7 +19,9 @@ def markdown_table(path: str) -> str:
         f"{loaded.start_weights}, input {loaded.preprocessing.input_size}x{loaded.preprocessing.input_size}, "
         f"optimizer {args.get('optimizer')} lr {args.get('lr')} batch {args.get('batch_size')}, "
         f"{data.get('train_samples')} train / {data.get('test_samples')} test images): "
-        f"{len(loaded.metrics)} epochs in {total / 60:.1f} min on {args.get('machine', 'the CPU')}",
+        f"{len(loaded.metrics)} epochs in {total / 60:.1f} min on {args.get('machine', 'the CPU')}; train figures "
+        + ("from the training batches as they ran (`--train-metrics running`)" if args.get("train_metrics") == "running"
+           else "from an eval-mode pass over the whole train split"),
         "",
         "| epoch | train loss | train acc | test loss | test acc | seconds |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
