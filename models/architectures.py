@@ -22,7 +22,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class SignCNN(nn.Module):
-    """A VGG-style CNN sized for 32x32 GTSRB crops (about 0.3 M parameters, 1.2 MB in fp32).
+    """A VGG-style CNN sized for 32x32 GTSRB crops (375,563 parameters, 1.5 MB in fp32).
 
     Why these layers:
     - three stages of two 3x3 convs (widths 32, 64, 128): two stacked 3x3s see 5x5 at the cost of
