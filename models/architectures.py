@@ -29,7 +29,7 @@ class SignCNN(nn.Module):
       18 weights per channel pair instead of 25, with a ReLU in between;
     - 2x2 max-pool after each stage, 32 -> 16 -> 8 -> 4: after the third stage one unit sees 36 px,
       more than the whole 32 px crop, so the last stage reasons about the complete sign;
-    - BatchNorm after every conv: trains fast at high learning rates with a one-cycle schedule;
+    - BatchNorm after every conv: trains fast at high learning rates (warm-up, then cosine decay);
     - the 4x4x128 map is flattened, not globally pooled, because where a shape sits matters
       ("turn left" and "turn right" differ only in layout);
     - dropout before the single linear head: the training set holds ~860 physical signs seen in

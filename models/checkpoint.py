@@ -79,8 +79,6 @@ def safe_load(path: str | os.PathLike) -> dict:
     """torch.load with weights_only=True; anything else than plain data raises CheckpointError."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
         raise CheckpointError(f"refusing to load {path}: not a safe checkpoint ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from exc
