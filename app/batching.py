@@ -9,28 +9,30 @@ Unlike Triton, it only waits for company that exists: routes announce a request 
 start receiving it (`expecting()`), and when no announced request is still on its way the batch
 goes at once. A lone client therefore never pays `max_wait_s`.
 
-The forward runs off the event loop in `instances` dedicated threads (Triton's instance count),
-so HTTP parsing, decoding and the next batch's collection overlap with it. On a CPU, several
-single-threaded instances use the cores better than one multi-threaded forward: no OpenMP barrier
-stalls when the event loop takes a core for a moment. The queue is bounded: when it is full `submit` raises
+Up to `instances` forwards run at once (Triton's instance count), off the event loop, so HTTP
+parsing, decoding and the next batch's collection overlap with them: a plain forward function runs
+in dedicated threads; an async one (app.workers: forward worker processes) is awaited on the loop.
+On a CPU, several single-threaded instances use the cores better than one multi-threaded forward:
+no OpenMP barrier stalls when the event loop takes a core for a moment. The queue is bounded: when it is full `submit` raises
 `QueueFull` at once (the route answers 503 + Retry-After) instead of letting latency grow without end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-# uint8 images [N, 3, S, S] -> N results, one per image (a tensor's rows, or a list)
-ForwardFn = Callable[[torch.Tensor], Sequence]
+# uint8 images [N, 3, S, S] -> N results, one per image (a tensor's rows, or a list); plain or async
+ForwardFn = Callable[[torch.Tensor], Sequence] | Callable[[torch.Tensor], Awaitable[Sequence]]
 BatchObserver = Callable[[int, float], None]
 
 
@@ -62,7 +64,8 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self._items: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"forward-{name}")
+        self._executor = None if inspect.iscoroutinefunction(forward) else \
+            ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"forward-{name}")
         self._free = asyncio.Semaphore(instances)
         self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
@@ -91,7 +94,8 @@ class DynamicBatcher:
             item = self._items.popleft()
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the service is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def retry_after(self, extra: int = 0) -> int:
         """Seconds until the queue, plus `extra` images, has likely drained (at least 1)."""
@@ -178,8 +182,11 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, self._forward_batch,
-                                                       [item.image for item in batch])
+            images = [item.image for item in batch]
+            if self._executor is None:
+                results = await self.forward(torch.stack(images))
+            else:
+                results = await loop.run_in_executor(self._executor, self._forward_batch, images)
         except Exception as exc:  # a failing forward fails its batch, not the batcher
             for item in batch:
                 if not item.future.done():

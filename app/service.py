@@ -114,7 +114,7 @@ class Service:
             self.workers = WorkerPool(WorkerPool.config_for(
                 {name: path for name, (_, _, _, path) in loaded.items()}, self.device, half=s.half,
                 channels_last=s.channels_last, threads=plan.torch_threads or 1,
-                warmup_batch_size=s.max_batch_size if s.warmup else None), plan.instances)
+                warmup_batch_size=s.max_batch_size if s.warmup else None, nice=s.worker_nice), plan.instances)
             try:
                 await asyncio.to_thread(self.workers.start)
             except Exception as exc:
@@ -146,4 +146,4 @@ class Service:
         for served in self.models.values():
             await served.batcher.stop()
         if self.workers is not None:
-            await asyncio.to_thread(self.workers.close)
+            await self.workers.close()

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
                                                          "(default: 1 on CUDA, min(2, cores) on the CPU)")
     worker_processes: bool | None = Field(None, description="run forward passes in worker processes, away "
                                                             "from the event loop's GIL (default: on the CPU)")
+    worker_nice: int = Field(10, ge=0, le=19, description="CPU niceness added to the forward worker processes, "
+                                                          "so the event loop that feeds them runs first")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default on the CPU: "
                                                               "cores / instances; on CUDA: torch's own)")
     warmup: bool = Field(True, description="run a forward pass at every batch size class before /readyz")

@@ -16,10 +16,12 @@ Every server runs alone while it is measured; nothing else should load the machi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict
 import sys
 import time
@@ -53,14 +55,26 @@ def sample_png() -> tuple[bytes, str]:
     return buffer.getvalue(), name
 
 
-def measure(url: str, connections: list[int], duration_s: int, warmup_s: int, body: Path, boundary: str) -> dict:
+def measure(url: str, connections: list[int], duration_s: int, warmup_s: int, body: Path, boundary: str,
+            server_pid: int) -> dict:
+    """wrk runs, each with the CPU it cost: the server's processes alone, and the whole machine
+    (server, wrk and anything else) per request, and how busy the cores were."""
     results = {}
     for c in connections:
         if warmup_s > 0:
             harness.run_wrk(url, c, warmup_s, body, boundary)
+        server_before, (busy_before, idle_before) = harness.process_tree_cpu_seconds(server_pid), \
+            harness.machine_cpu_seconds()
         results[str(c)] = run = harness.run_wrk(url, c, duration_s, body, boundary)
+        busy, idle = (now - then for now, then in zip(harness.machine_cpu_seconds(), (busy_before, idle_before)))
+        served = max(1, run["requests"])
+        run["server_cpu_ms_per_request"] = (harness.process_tree_cpu_seconds(server_pid) - server_before) / served * 1e3
+        run["machine_cpu_ms_per_request"] = busy / served * 1e3
+        run["machine_busy"] = busy / max(busy + idle, 1e-9)
         print(f"  {url:60s} c={c:<3d} {run['requests_per_s']:8.1f} req/s  p50 {run['p50_ms']:6.2f} ms  "
-              f"p95 {run['p95_ms']:6.2f}  p99 {run['p99_ms']:6.2f}  errors {run['errors']}", flush=True)
+              f"p95 {run['p95_ms']:6.2f}  p99 {run['p99_ms']:6.2f}  errors {run['errors']}  CPU/request: server "
+              f"{run['server_cpu_ms_per_request']:.2f} ms, machine {run['machine_cpu_ms_per_request']:.2f} ms "
+              f"({run['machine_busy']:.0%} busy)", flush=True)
     return results
 
 
@@ -112,34 +126,44 @@ def main() -> None:
         predictors[path.stem] = predictor = Predictor(load_checkpoint(path, device=device, name=path.stem),
                                                       half=settings.half, channels_last=settings.channels_last)
         rate = forward.images_per_second(predictor, batch_size)
-        report["models"][path.stem] = {"bare_forward_images_per_s": {
-            f"1 forward x {torch.get_num_threads()} torch threads, batch {batch_size}": rate}}
-        print(f"  {path.stem}: 1 forward x {torch.get_num_threads()} torch threads: {rate:.0f} images/s", flush=True)
-    if plan.processes:  # the service's worker processes, fed from as many threads
+        config = f"1 forward x {torch.get_num_threads()} torch threads, batch {batch_size}"
+        report["models"][path.stem] = {"bare_forward_images_per_s": {config: rate.images_per_s},
+                                       "bare_forward_machine_cpu_ms_per_image": {config: rate.machine_cpu_ms_per_image}}
+        print(f"  {path.stem}: {config}: {rate.images_per_s:.0f} images/s, machine CPU "
+              f"{rate.machine_cpu_ms_per_image:.2f} ms/image", flush=True)
+    if plan.processes:  # the service's worker processes, fed from as many tasks
         pool = WorkerPool(WorkerPool.config_for({p.stem: p for p in paths}, device, half=settings.half,
                                                 channels_last=settings.channels_last, threads=plan.torch_threads or 1,
-                                                warmup_batch_size=batch_size), plan.instances)
+                                                warmup_batch_size=batch_size, nice=settings.worker_nice),
+                          plan.instances)
         pool.start()
-        try:
-            plan_rates = {p.stem: forward.concurrent_images_per_second(
-                pool.forward(p.stem), forward.random_batch(batch_size, predictors[p.stem].input_size),
-                plan.instances, 3.0) for p in paths}
-        finally:
-            pool.close()
+
+        async def pool_rates() -> dict[str, float]:  # one event loop, as in the service
+            try:
+                return {p.stem: await forward.concurrent_images_per_second_async(
+                    pool.forward(p.stem), forward.random_batch(batch_size, predictors[p.stem].input_size),
+                    plan.instances, 3.0) for p in paths}
+            finally:
+                await pool.close()
+
+        plan_rates = asyncio.run(pool_rates())
     else:
         plan_rates = {name: forward.images_per_second(predictor, batch_size, instances=plan.instances,
                                                       threads=plan.torch_threads)
                       for name, predictor in predictors.items()}
     for name, rate in plan_rates.items():
-        report["models"][name]["bare_forward_images_per_s"][plan_label] = rate
-        print(f"  {name}: {plan_label}: {rate:.0f} images/s", flush=True)
+        report["models"][name]["bare_forward_images_per_s"][plan_label] = rate.images_per_s
+        report["models"][name]["bare_forward_machine_cpu_ms_per_image"][plan_label] = rate.machine_cpu_ms_per_image
+        print(f"  {name}: {plan_label}: {rate.images_per_s:.0f} images/s, machine CPU "
+              f"{rate.machine_cpu_ms_per_image:.2f} ms/image", flush=True)
     predictors.clear()
 
     def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
                           env: dict[str, str] | None = None) -> dict:
         server = harness.start(name, command, port, ready, env=env, log_dir=work)
         try:
-            return {key: measure(server.url + path, args.concurrency, args.duration, args.warmup, body, boundary)
+            return {key: measure(server.url + path, args.concurrency, args.duration, args.warmup, body, boundary,
+                                 server.process.pid)
                     for key, path in urls.items()}
         finally:
             server.stop()
@@ -185,6 +209,12 @@ def summarize(report: dict, top: int) -> dict:
         bare, plain_loop = max(configs.values()), next(iter(configs.values()))
         service = m["service"][str(top)]["requests_per_s"]
         bound = min(bare, ceiling)
+        # What the cores allow: a service whose requests cost no more CPU than the receive-only endpoint's,
+        # batching perfectly (the bare forward's CPU per image) with every core busy.
+        http_cpu = report["ceiling"]["upload"][str(top)]["machine_cpu_ms_per_request"]
+        forward_cpu = min(m["bare_forward_machine_cpu_ms_per_image"].values())
+        cpu_limit = report["machine"]["cpus"] * 1e3 / (http_cpu + forward_cpu)
+        run = m["service"][str(top)]
         summary[name] = {
             f"service_c{top}_over_min_bare_ceiling": service / bound,
             f"service_c{top}_over_min_single_forward_loop_ceiling": service / min(plain_loop, ceiling),
@@ -192,6 +222,10 @@ def summarize(report: dict, top: int) -> dict:
             "service_c1_p50_ms": m["service"]["1"]["p50_ms"] if "1" in m["service"] else None,
             "bound_requests_per_s": bound,
             "bound_is": "bare forward" if bare < ceiling else "HTTP ceiling",
+            "cpu_limit_requests_per_s": cpu_limit,
+            "cpu_limit_over_bound": cpu_limit / bound,
+            f"service_c{top}_machine_cpu_ms_per_request": run["machine_cpu_ms_per_request"],
+            f"service_c{top}_machine_busy": run["machine_busy"],
         }
     return summary
 
@@ -219,6 +253,10 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
         print(f"  bound = min(best bare forward, HTTP ceiling) = {s['bound_is']} {s['bound_requests_per_s']:.0f}/s")
         print(f"  service c={top} / bound = {ratio_bound:.2f}  (target >= 0.70: "
               f"{'met' if ratio_bound >= 0.7 else 'NOT met'}; against the single-forward loop: {ratio_loop:.2f})")
+        print(f"  CPU limit: {s['cpu_limit_requests_per_s']:.0f}/s = {s['cpu_limit_over_bound']:.2f} of the bound, for a "
+              f"service costing the receive-only endpoint's CPU per request plus the bare forward's per image; "
+              f"the service used {s[f'service_c{top}_machine_cpu_ms_per_request']:.2f} ms of machine CPU per request, "
+              f"cores {s[f'service_c{top}_machine_busy']:.0%} busy")
         print(f"  service c={top} / plain c={top}      = {ratio_plain:.2f}  (target >= 2: "
               f"{'met' if ratio_plain >= 2 else 'NOT met'})")
         if s["service_c1_p50_ms"] is not None:

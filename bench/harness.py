@@ -94,6 +94,32 @@ def wrk_available() -> str:
     return found
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine since boot, all cores summed (Linux /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), idle / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its living descendants (the service's forward workers)."""
+    parents, times = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[1])
+            times[int(entry.name)] = int(stat[11]) + int(stat[12])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier and child not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(times.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(url: str, connections: int, duration_s: int, body: Path, boundary: str, threads: int = 1) -> dict:
     """One wrk run: closed loop, `connections` keep-alive connections each with one request in flight."""
     command = [wrk_available(), f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration_s}s",

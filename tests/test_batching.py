@@ -166,6 +166,29 @@ def test_cancelled_requests_are_dropped_from_the_queue():
     assert sizes == [1, 2] and values == [4, 5]
 
 
+def test_an_async_forward_is_awaited_on_the_loop():
+    """The worker-process forward is a coroutine function: the batcher awaits it without a thread."""
+    sizes, threads = [], set()
+
+    async def forward(images: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(images))
+        threads.add(threading.get_ident())
+        await asyncio.sleep(0.01)
+        return images.flatten(1)[:, :1].float()
+
+    async def main():
+        batcher = DynamicBatcher(forward, max_batch_size=8, max_wait_s=0.05, queue_size=100, instances=2)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.predict([image(i)]) for i in range(20)))
+        await batcher.stop()
+        return [r[0].item() for r in results], threading.get_ident()
+
+    values, loop_thread = run(main())
+    assert values == list(range(20))
+    assert sum(sizes) == 20 and max(sizes) <= 8 and len(sizes) < 20
+    assert threads == {loop_thread}
+
+
 def test_a_failing_forward_fails_its_batch_only():
     calls = []
 

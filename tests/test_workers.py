@@ -1,13 +1,16 @@
-"""Forward worker processes: a worker that dies is replaced and the service keeps answering."""
+"""Forward worker processes: they answer exactly what the in-process predictor answers, batches
+larger than a socket buffer included; a worker that dies is replaced and the service keeps answering."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import start_server
 from helpers import files
@@ -24,6 +27,43 @@ def children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
+    """Two workers, concurrent batches of 64 ResNet18 inputs (442 kB each, more than a Unix socket
+    buffer holds) and one of the cnn, all over the event loop's streams."""
+    from app.engine import Predictor
+    from app.workers import WorkerPool
+    from models.checkpoint import load_checkpoint
+
+    paths = {name: checkpoint_snapshot / f"{name}.pt" for name in ("cnn", "resnet18")}
+    pool = WorkerPool(WorkerPool.config_for(paths, torch.device("cpu"), half=False, channels_last=True, threads=1,
+                                            warmup_batch_size=None, nice=5), processes=2)
+    pool.start()
+    processes = [worker.process for worker in pool._all]
+    generator = torch.Generator().manual_seed(0)
+    batches = {"resnet18": [torch.randint(0, 256, (64, 3, 48, 48), dtype=torch.uint8, generator=generator)
+                            for _ in range(3)],
+               "cnn": [torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=generator)]}
+
+    async def run() -> dict[str, list]:
+        try:
+            jobs = {name: [pool.forward(name)(batch) for batch in items] for name, items in batches.items()}
+            return {name: await asyncio.gather(*coroutines) for name, coroutines in jobs.items()}
+        finally:
+            await pool.close()
+
+    answers = asyncio.run(asyncio.wait_for(run(), 120))
+    for name, items in batches.items():
+        predictor = Predictor(load_checkpoint(paths[name], name=name))
+        for batch, answer in zip(items, answers[name]):
+            expected = predictor.ranked(batch)
+            assert len(answer) == len(batch)
+            for (ids, probabilities), (want_ids, want_probabilities) in zip(answer, expected):
+                assert ids[0] == want_ids[0]
+                torch.testing.assert_close(torch.tensor(probabilities), torch.tensor(want_probabilities),
+                                           atol=1e-5, rtol=1e-4)
+    assert len(processes) == 2 and not any(process.is_alive() for process in processes)  # closed
 
 
 @pytest.fixture(scope="module")
