@@ -5,7 +5,7 @@ is busy parsing HTTP and decoding images it holds the GIL for up to the switch i
 and the forward thread sits idle. Measured on the 2-core dev machine: a single-threaded cnn
 forward ran at 205 images/s beside a busy Python thread, against 311 beside an equally busy
 thread that does not hold the GIL. Worker processes each own a GIL, the OS schedules them
-against the event loop fairly, and the cost is one pipe round trip per batch (~0.1 ms against
+against the event loop, and the cost is one socket round trip per batch (~0.1 ms against
 tens of milliseconds of forward).
 
 Each worker loads every served checkpoint (the same files and the same `Predictor` as the
@@ -15,9 +15,9 @@ in-process path), warms up, and then answers `(model, shape, pixels)` with `Pred
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
 import multiprocessing
+import os
 import pickle
 import socket
 import struct
@@ -115,8 +115,8 @@ class WorkerPool:
 
     `nice` lowers the workers' CPU priority: when the cores are oversubscribed the event loop, which
     parses requests and feeds the batcher, runs first, so images reach the queue sooner and the
-    forwards run on fuller batches (ResNet18 on the CPU costs ~10 ms per image alone, ~3 in a batch
-    of 32: its weights are read once per forward)."""
+    forwards run on fuller batches (ResNet18 reads its 45 MB of weights once per forward, so on a
+    CPU its cost per image falls steeply with the batch)."""
 
     def __init__(self, config: WorkerConfig, processes: int) -> None:
         self.config = config
