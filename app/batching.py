@@ -13,8 +13,9 @@ Up to `instances` forwards run at once (Triton's instance count), off the event 
 parsing, decoding and the next batch's collection overlap with them: a plain forward function runs
 in dedicated threads; an async one (app.workers: forward worker processes) is awaited on the loop.
 On a CPU, several single-threaded instances use the cores better than one multi-threaded forward:
-no OpenMP barrier stalls when the event loop takes a core for a moment. The queue is bounded: when it is full `submit` raises
-`QueueFull` at once (the route answers 503 + Retry-After) instead of letting latency grow without end.
+no OpenMP barrier stalls when the event loop takes a core for a moment. The queue is bounded: when
+it is full `submit` raises `QueueFull` at once (the route answers 503 + Retry-After) instead of
+letting latency grow without end.
 """
 
 from __future__ import annotations
