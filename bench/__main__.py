@@ -17,22 +17,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import os
 import platform
-from collections.abc import Callable
-from dataclasses import asdict
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from app.engine import Predictor, select_device
 from app.service import checkpoint_paths, execution_plan
-from app.workers import WorkerPool
 from app.settings import Settings
+from app.workers import WorkerPool
 from bench import forward, harness
 from models.checkpoint import load_checkpoint
 
@@ -55,17 +57,33 @@ def sample_png() -> tuple[bytes, str]:
     return buffer.getvalue(), name
 
 
+def batch_totals(metrics_url: str, model: str) -> tuple[float, float]:
+    """(images, forward passes) so far, from the service's Prometheus batch-size histogram."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    totals = {}
+    for suffix in ("sum", "count"):
+        prefix = f'signserve_batch_size_{suffix}{{model="{model}"}} '
+        totals[suffix] = next(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+    return totals["sum"], totals["count"]
+
+
 def measure(url: str, connections: list[int], duration_s: int, warmup_s: int, body: Path, boundary: str,
-            server_pid: int) -> dict:
+            server_pid: int, batches: Callable[[], tuple[float, float]] | None = None) -> dict:
     """wrk runs, each with the CPU it cost: the server's processes alone, and the whole machine
-    (server, wrk and anything else) per request, and how busy the cores were."""
+    (server, wrk and anything else) per request, and how busy the cores were; with `batches`
+    (the service), also the mean number of images per forward pass."""
     results = {}
     for c in connections:
         if warmup_s > 0:
             harness.run_wrk(url, c, warmup_s, body, boundary)
         server_before, (busy_before, idle_before) = harness.process_tree_cpu_seconds(server_pid), \
             harness.machine_cpu_seconds()
+        batches_before = batches() if batches else None
         results[str(c)] = run = harness.run_wrk(url, c, duration_s, body, boundary)
+        if batches:
+            images, forwards = (now - then for now, then in zip(batches(), batches_before))
+            run["mean_batch_size"] = images / max(forwards, 1)
         busy, idle = (now - then for now, then in zip(harness.machine_cpu_seconds(), (busy_before, idle_before)))
         served = max(1, run["requests"])
         run["server_cpu_ms_per_request"] = (harness.process_tree_cpu_seconds(server_pid) - server_before) / served * 1e3
@@ -74,7 +92,8 @@ def measure(url: str, connections: list[int], duration_s: int, warmup_s: int, bo
         print(f"  {url:60s} c={c:<3d} {run['requests_per_s']:8.1f} req/s  p50 {run['p50_ms']:6.2f} ms  "
               f"p95 {run['p95_ms']:6.2f}  p99 {run['p99_ms']:6.2f}  errors {run['errors']}  CPU/request: server "
               f"{run['server_cpu_ms_per_request']:.2f} ms, machine {run['machine_cpu_ms_per_request']:.2f} ms "
-              f"({run['machine_busy']:.0%} busy)", flush=True)
+              f"({run['machine_busy']:.0%} busy)" +
+              (f", mean batch {run['mean_batch_size']:.1f}" if "mean_batch_size" in run else ""), flush=True)
     return results
 
 
@@ -159,11 +178,13 @@ def main() -> None:
     predictors.clear()
 
     def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
-                          env: dict[str, str] | None = None) -> dict:
+                          env: dict[str, str] | None = None, batched: bool = False) -> dict:
+        """`urls` maps a key (the model name, for the service) to a path; `batched`: read batch sizes."""
         server = harness.start(name, command, port, ready, env=env, log_dir=work)
         try:
             return {key: measure(server.url + path, args.concurrency, args.duration, args.warmup, body, boundary,
-                                 server.process.pid)
+                                 server.process.pid,
+                                 functools.partial(batch_totals, server.url + "/metrics", key) if batched else None)
                     for key, path in urls.items()}
         finally:
             server.stop()
@@ -179,7 +200,7 @@ def main() -> None:
         "service", [sys.executable, "-m", "app"], port, "/readyz",
         {p.stem: f"/v1/predict?model={p.stem}" for p in paths},
         env={"SIGNSERVE_HOST": "127.0.0.1", "SIGNSERVE_PORT": str(port),
-             "SIGNSERVE_CHECKPOINT_DIR": str(args.checkpoint_dir)})
+             "SIGNSERVE_CHECKPOINT_DIR": str(args.checkpoint_dir)}, batched=True)
     for name, runs in service.items():
         report["models"][name]["service"] = runs
 
@@ -226,6 +247,7 @@ def summarize(report: dict, top: int) -> dict:
             "cpu_limit_over_bound": cpu_limit / bound,
             f"service_c{top}_machine_cpu_ms_per_request": run["machine_cpu_ms_per_request"],
             f"service_c{top}_machine_busy": run["machine_busy"],
+            f"service_c{top}_mean_batch_size": run.get("mean_batch_size"),
         }
     return summary
 
@@ -256,7 +278,8 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
         print(f"  CPU limit: {s['cpu_limit_requests_per_s']:.0f}/s = {s['cpu_limit_over_bound']:.2f} of the bound, for a "
               f"service costing the receive-only endpoint's CPU per request plus the bare forward's per image; "
               f"the service used {s[f'service_c{top}_machine_cpu_ms_per_request']:.2f} ms of machine CPU per request, "
-              f"cores {s[f'service_c{top}_machine_busy']:.0%} busy")
+              f"cores {s[f'service_c{top}_machine_busy']:.0%} busy, {s[f'service_c{top}_mean_batch_size']:.1f} images "
+              f"per forward")
         print(f"  service c={top} / plain c={top}      = {ratio_plain:.2f}  (target >= 2: "
               f"{'met' if ratio_plain >= 2 else 'NOT met'})")
         if s["service_c1_p50_ms"] is not None:
