@@ -101,23 +101,34 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), idle / os.sysconf("SC_CLK_TCK")
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid` and its living descendants (the service's forward workers)."""
-    parents, times = {}, {}
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, user + system CPU ticks) of every process, from /proc/PID/stat."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[1])
-            times[int(entry.name)] = int(stat[11]) + int(stat[12])
-    tree, frontier = {pid}, [pid]
+                continue  # it exited while we looked
+            table[int(entry.name)] = (int(stat[1]), int(stat[11]) + int(stat[12]))
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    """The living children of `pid`, their children, and so on (not `pid` itself)."""
+    table = _processes() if table is None else table
+    found, frontier = set(), {pid}
     while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier and child not in tree]
-        tree.update(children)
-        frontier = children
-    return sum(times.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+        frontier = {child for child, (parent, _) in table.items() if parent in frontier and child not in found}
+        found |= frontier
+    return found
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its living descendants (the service's forward workers)."""
+    table = _processes()
+    ticks = sum(table[p][1] for p in descendants(pid, table) | {pid} if p in table)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(url: str, connections: int, duration_s: int, body: Path, boundary: str, threads: int = 1) -> dict:

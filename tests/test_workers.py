@@ -12,21 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.harness import descendants
 from conftest import start_server
 from helpers import files
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
@@ -75,7 +63,7 @@ def process_server(checkpoint_snapshot, tmp_path_factory):
 
 
 def test_a_killed_worker_is_replaced(process_server, sign_png):
-    workers = children(process_server.process.pid)
+    workers = descendants(process_server.process.pid)
     assert len(workers) >= 2, workers  # the two forward workers (plus multiprocessing's resource tracker)
     with process_server.client() as client:
         assert client.post("/v1/predict", files=files(("a.png", sign_png))).status_code == 200
