@@ -4,6 +4,8 @@ Starlette's form parser spools every file to a temporary file before the route s
 over-sized upload is only noticed after it has been received in full. This reader counts bytes as
 they arrive and stops at the first file over the limit, the first file over the count limit, or a
 body larger than both limits allow; it keeps each accepted file in memory (at most the limit).
+A small body with a declared length (every single-image upload) is read whole first and split in
+memory, which is several times cheaper; both paths feed the same limit-checking collector.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from python_multipart.multipart import parse_options_header
 
 # Room for part headers and boundaries on top of the file bytes themselves.
 PART_OVERHEAD_BYTES = 16 * 1024
+
+# A body whose declared length is at most this is read whole and split in memory: python-multipart's
+# byte-by-byte state machine costs about as much as decoding a small PNG, `bytes.find` a tenth of it.
+IN_MEMORY_BODY_BYTES = 256 * 1024
 
 
 @dataclass
@@ -111,6 +117,41 @@ class _Collector:
         self.finished = True
 
 
+def _malformed(reason: str) -> UploadRejected:
+    return UploadRejected(400, f"malformed multipart body: {reason}")
+
+
+def split_in_memory(body: bytes, boundary: bytes, collector: _Collector) -> None:
+    """Feed a complete multipart body (RFC 7578) to `collector`, the same callbacks in the same order
+    as python-multipart's streaming parser makes them."""
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter):  # python-multipart takes no preamble either
+        raise _malformed("it does not start with the boundary")
+    position = len(delimiter)
+    while not body.startswith(b"--", position):
+        line_end = body.find(b"\r\n", position)
+        if line_end < 0 or body[position:line_end].strip(b" \t"):
+            raise _malformed("expected a line break after the boundary")
+        headers_end = body.find(b"\r\n\r\n", line_end)
+        if headers_end < 0:
+            raise _malformed("a part's headers do not end")
+        collector.on_part_begin()
+        for line in body[line_end + 2:headers_end].split(b"\r\n") if headers_end > line_end else ():
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise _malformed(f"header line without a colon: {line[:40]!r}")
+            collector.on_header_field(name, 0, len(name))
+            collector.on_header_value(value.strip(), 0, len(value.strip()))
+            collector.on_header_end()
+        collector.on_headers_finished()
+        data_end = body.find(b"\r\n" + delimiter, headers_end + 4)
+        if data_end < 0:
+            raise _malformed("it ends before the closing boundary")
+        collector.on_part_data(body, headers_end + 4, data_end)
+        position = data_end + 2 + len(delimiter)
+    collector.on_end()
+
+
 async def read_files(content_type: str | None, content_length: str | None, stream: AsyncIterator[bytes], *,
                      field_name: str, max_files: int, max_bytes: int) -> list[Upload]:
     """The uploaded files of one field, in upload order, read from the body as it streams in."""
@@ -122,10 +163,35 @@ async def read_files(content_type: str | None, content_length: str | None, strea
     if not boundary:
         raise UploadRejected(400, "multipart/form-data content type without a boundary")
     max_body = max_files * (max_bytes + PART_OVERHEAD_BYTES)
-    if content_length is not None and content_length.isdigit() and int(content_length) > max_body:
-        raise UploadRejected(413, f"request body of {int(content_length)} bytes is larger than "
+    declared = int(content_length) if content_length is not None and content_length.isdigit() else None
+    if declared is not None and declared > max_body:
+        raise UploadRejected(413, f"request body of {declared} bytes is larger than "
                                   f"{max_files} files of {_megabytes(max_bytes)} can be")
     collector = _Collector(field_name, max_files, max_bytes)
+    if declared is not None and declared <= IN_MEMORY_BODY_BYTES:
+        split_in_memory(await _read_at_most(stream, declared), boundary, collector)
+    else:
+        await _parse_streaming(stream, boundary, collector, max_body, max_files, max_bytes)
+    if not collector.finished:
+        raise _malformed("it ends before the closing boundary")
+    if not collector.files:
+        raise MissingFileField(field_name)
+    return collector.files
+
+
+async def _read_at_most(stream: AsyncIterator[bytes], limit: int) -> bytes:
+    """The whole body, which its Content-Length says is `limit` bytes (the server enforces that)."""
+    chunks, received = [], 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > limit:
+            raise _malformed("the body is longer than its Content-Length")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse_streaming(stream: AsyncIterator[bytes], boundary: bytes, collector: _Collector, max_body: int,
+                           max_files: int, max_bytes: int) -> None:
     try:
         parser = MultipartParser(boundary, collector.callbacks())
         received = 0
@@ -139,9 +205,4 @@ async def read_files(content_type: str | None, content_length: str | None, strea
                 break  # anything after the closing boundary is an epilogue, ignored by the spec
         parser.finalize()
     except FormParserError as exc:
-        raise UploadRejected(400, f"malformed multipart body: {exc}") from None
-    if not collector.finished:
-        raise UploadRejected(400, "malformed multipart body: it ends before the closing boundary")
-    if not collector.files:
-        raise MissingFileField(field_name)
-    return collector.files
+        raise _malformed(str(exc)) from None
