@@ -18,7 +18,7 @@ from helpers import files
 
 
 def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
-    """Two workers, concurrent batches of 64 ResNet18 inputs (442 kB each, more than a Unix socket
+    """Two workers, concurrent batches of 64 ResNet18 inputs (786 kB each, more than a Unix socket
     buffer holds) and one of the cnn, all over the event loop's streams."""
     from app.engine import Predictor
     from app.workers import WorkerPool
@@ -30,7 +30,7 @@ def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
     pool.start()
     processes = [worker.process for worker in pool._all]
     generator = torch.Generator().manual_seed(0)
-    batches = {"resnet18": [torch.randint(0, 256, (64, 3, 48, 48), dtype=torch.uint8, generator=generator)
+    batches = {"resnet18": [torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, generator=generator)
                             for _ in range(3)],
                "cnn": [torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=generator)]}
 

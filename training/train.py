@@ -45,7 +45,7 @@ from training.sam import SAM
 
 MAX_EPOCHS = 20
 EXIT_PREEMPTED = 99
-DEFAULT_INPUT_SIZE = {"cnn": 32, "resnet18": 48}
+DEFAULT_INPUT_SIZE = {"cnn": 32, "resnet18": 64}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,8 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-weights", default=None, choices=["random", "imagenet"],
                    help="resnet18 start (default: imagenet when --weights is given, else random)")
     p.add_argument("--weights", help="local ImageNet ResNet18 weights file (implies --start-weights imagenet)")
-    p.add_argument("--input-size", type=int, default=None, help="square input side (default cnn 32, resnet18 48)")
+    p.add_argument("--input-size", type=int, default=None, help="square input side (default cnn 32, resnet18 64)")
     p.add_argument("--no-augment", action="store_true", help="train on the plain images")
+    p.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
+                   help="per image, the probability of covering a random rectangle with noise (occlusion)")
     p.add_argument("--equalize", action="store_true", help="histogram-equalise each image's luminance")
     p.add_argument("--train-metrics", default="full", choices=["full", "running"],
                    help="full: an eval-mode pass over the train split each epoch; running: the training "
@@ -196,7 +198,7 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, arg
         x = normalize(images[idx].to(device, non_blocking=True), pre)
         y = labels[idx].to(device, non_blocking=True)
         if not args.no_augment:
-            x = augment(x)
+            x = augment(x, args.random_erasing)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
 
@@ -234,6 +236,8 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, arg
 def resolve_args(args) -> None:
     if not 1 <= args.epochs <= MAX_EPOCHS:
         raise SystemExit(f"--epochs must be between 1 and {MAX_EPOCHS}, got {args.epochs}")
+    if not 0 <= args.random_erasing <= 1:
+        raise SystemExit(f"--random-erasing is a probability in [0, 1], got {args.random_erasing}")
     if args.weights and args.start_weights == "random":
         raise SystemExit("--weights loads ImageNet weights; it contradicts --start-weights random")
     if args.start_weights is None:
