@@ -52,14 +52,13 @@ class _Item:
 
 class DynamicBatcher:
     def __init__(self, forward: ForwardFn, *, max_batch_size: int = 64, max_wait_s: float = 0.002,
-                 max_wait_busy_s: float = 0.0, queue_size: int = 1024, instances: int = 1, name: str = "model",
+                 queue_size: int = 1024, instances: int = 1, name: str = "model",
                  on_batch: BatchObserver | None = None) -> None:
-        if max_batch_size < 1 or queue_size < 1 or instances < 1 or max_wait_s < 0 or max_wait_busy_s < 0:
-            raise ValueError("max_batch_size, queue_size and instances must be >= 1, waits >= 0")
+        if max_batch_size < 1 or queue_size < 1 or instances < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size, queue_size and instances must be >= 1, max_wait_s >= 0")
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.max_wait_busy_s = max_wait_busy_s
         self.queue_size = queue_size
         self.instances = instances
         self.name = name
@@ -70,7 +69,6 @@ class DynamicBatcher:
             ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"forward-{name}")
         self._free = asyncio.Semaphore(instances)
         self._running: set[asyncio.Task] = set()
-        self._forwards = 0  # forward passes in flight
         self._task: asyncio.Task | None = None
         self._seconds_per_image = 0.0  # moving average, for Retry-After
         self._expected = 0  # requests announced by `expecting()` that have not submitted yet
@@ -147,10 +145,7 @@ class DynamicBatcher:
             self._wakeup.clear()
             await self._wakeup.wait()
         while self.depth < self.max_batch_size and self._expected > 0:
-            # While another forward runs, the cores are busy anyway: waiting longer for company
-            # costs no idle time and buys a bigger batch, which is cheaper per image on a CPU.
-            wait = max(self.max_wait_s, self.max_wait_busy_s) if self._forwards else self.max_wait_s
-            remaining = self._items[0].enqueued + wait - loop.time()
+            remaining = self._items[0].enqueued + self.max_wait_s - loop.time()
             if remaining <= 0:
                 break
             self._wakeup.clear()
@@ -180,7 +175,6 @@ class DynamicBatcher:
             if not batch:
                 self._free.release()
                 continue
-            self._forwards += 1  # counted from dispatch, before the task gets to run
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -200,9 +194,7 @@ class DynamicBatcher:
                     item.future.set_exception(exc)
             return
         finally:
-            self._forwards -= 1
             self._free.release()
-            self._wakeup.set()  # a batch waiting because this forward ran need not wait any more
         seconds = time.perf_counter() - started
         per_image = seconds / len(batch) / self.instances
         self._seconds_per_image = per_image if not self._seconds_per_image else \

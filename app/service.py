@@ -125,7 +125,6 @@ class Service:
         for name, (model, predictor, seconds, _) in loaded.items():
             forward = self.workers.forward(name) if self.workers else predictor.ranked
             batcher = DynamicBatcher(forward, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
-                                     max_wait_busy_s=s.max_wait_busy_ms / 1000,
                                      queue_size=s.queue_size, instances=plan.instances, name=name,
                                      on_batch=self.metrics.batch_observer(name))
             batcher.start()

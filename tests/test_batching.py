@@ -107,36 +107,6 @@ def test_max_wait_bounds_the_wait_for_company():
     assert sizes == [1, 1] and latency < 0.25  # the first went after ~max_wait, not after the gap
 
 
-def test_while_another_forward_runs_a_batch_waits_longer_for_company():
-    async def main(max_wait_busy_s: float, release_after_s: float | None = None):
-        forward = GatedForward(open_gate=False)
-        batcher = DynamicBatcher(forward, max_batch_size=64, max_wait_s=0.01, max_wait_busy_s=max_wait_busy_s,
-                                 queue_size=100, instances=2)
-        batcher.start()
-        held = await busy(batcher, forward)  # instance 1 is stuck on image 0; instance 2 is free
-        forward.started.clear()
-        started = time.perf_counter()
-        with batcher.expecting():  # another request is being received
-            first = asyncio.ensure_future(batcher.predict([image(1)]))
-            await asyncio.sleep(0.1)
-            if release_after_s is not None:
-                forward.gate.set()  # the running forward ends: nothing left to wait for
-                await asyncio.wait_for(first, 5)
-            second = asyncio.ensure_future(batcher.predict([image(2)]))
-            await asyncio.sleep(0)
-            forward.gate.set()
-        await asyncio.gather(held, first, second)
-        await batcher.stop()
-        return forward.sizes, time.perf_counter() - started
-
-    sizes, _ = run(main(max_wait_busy_s=0.5))
-    assert sizes == [1, 2]  # image 1 waited for image 2 instead of taking the free instance alone
-    sizes, _ = run(main(max_wait_busy_s=0.0))
-    assert sizes == [1, 1, 1]  # without it, image 1 left after max_wait_s
-    sizes, elapsed = run(main(max_wait_busy_s=5.0, release_after_s=0.1))
-    assert sizes == [1, 1, 1] and elapsed < 2  # the other forward ended, so image 1 went at once
-
-
 def test_a_lone_request_does_not_wait():
     async def main():
         forward = GatedForward()
