@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+
 import torch
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -116,8 +117,8 @@ async def predict(request: Request) -> PredictResponse:
     query = parse_query(request)
     service = require_ready(request.app.state.service)
     served, settings, metrics = get_served_model(service, query.model), service.settings, service.metrics
-    # top_k and the model are known good before the body is read. From here
-    # until the images are queued, the batcher knows this request is coming and may wait for it.
+    # top_k and the model are known good before the body is read. From here until the images
+    # are queued, the batcher knows this request is coming and may wait for it.
     with served.batcher.expecting():
         uploads = await read_uploads(request, settings)
         inputs = await decode_all(uploads, served, settings.max_image_pixels)
