@@ -30,10 +30,9 @@ FILE_FIELD = "file"
 # The query is validated in the route too (see `parse_query`), so its parameters are documented here.
 OPENAPI_EXTRA = {
     "parameters": [
-        {"name": name, "in": "query", "required": False, "description": field.description,
+        {"name": name, "in": "query", "required": False, "description": schema.get("description"),
          "schema": {k: v for k, v in schema.items() if k != "description"}}
-        for (name, field), schema in zip(PredictQuery.model_fields.items(),
-                                         PredictQuery.model_json_schema()["properties"].values())
+        for name, schema in PredictQuery.model_json_schema()["properties"].items()
     ],
     "requestBody": {
         "required": True,

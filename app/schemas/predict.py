@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from models.classes import NUM_CLASSES
 
 
 class PredictQuery(BaseModel):
-    """The query parameters of POST /v1/predict."""
-
-    model_config = ConfigDict(extra="ignore")
+    """The query parameters of POST /v1/predict (others are ignored)."""
 
     model: str | None = Field(None, description="a name from /v1/models; default: the most accurate")
     top_k: int = Field(5, ge=1, le=NUM_CLASSES, description="classes to return per image")
