@@ -13,9 +13,14 @@ Up to `instances` forwards run at once (Triton's instance count), off the event 
 parsing, decoding and the next batch's collection overlap with them: a plain forward function runs
 in dedicated threads; an async one (app.workers: forward worker processes) is awaited on the loop.
 On a CPU, several single-threaded instances use the cores better than one multi-threaded forward:
-no OpenMP barrier stalls when the event loop takes a core for a moment. The queue is bounded: when
-it is full `submit` raises `QueueFull` at once (the route answers 503 + Retry-After) instead of
-letting latency grow without end.
+no OpenMP barrier stalls when the event loop takes a core for a moment. With several instances a
+batch takes at most its fair share, the images queued, running and announced split evenly over
+the instances, and while other forwards run it waits for that share as long as images keep
+arriving (gaps under `max_wait_s`): waiting costs nothing while the other instances are busy,
+and it keeps a free instance from grabbing the first image of a returning burst as a batch of
+one, the rest then piling up behind it (see docs/serving.md for what it did to throughput).
+The queue is bounded: when it is full `submit` raises `QueueFull` at once (the route answers
+503 + Retry-After) instead of letting latency grow without end.
 """
 
 from __future__ import annotations
@@ -68,10 +73,12 @@ class DynamicBatcher:
         self._executor = None if inspect.iscoroutinefunction(forward) else \
             ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"forward-{name}")
         self._free = asyncio.Semaphore(instances)
-        self._running: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._seconds_per_image = 0.0  # moving average, for Retry-After
         self._expected = 0  # requests announced by `expecting()` that have not submitted yet
+        self._running = 0  # images in forwards now running
+        self._last_arrival = 0.0  # loop time of the latest submit
 
     @property
     def depth(self) -> int:
@@ -90,7 +97,7 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        await asyncio.gather(*self._running, return_exceptions=True)  # let running forwards finish
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # let running forwards finish
         while self._items:
             item = self._items.popleft()
             if not item.future.done():
@@ -122,21 +129,29 @@ class DynamicBatcher:
         if self.depth + len(images) > self.queue_size:
             raise QueueFull(self.name, self.retry_after(len(images)))
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        was_empty = not self._items
+        self._last_arrival = now = loop.time()
         futures = []
         for image in images:
             future = loop.create_future()
             self._items.append(_Item(image, future, now))
             futures.append(future)
-        # Wake the worker only when it can act: first image in (idle), or a full batch (collecting).
-        if was_empty or self.depth >= self.max_batch_size:
-            self._wakeup.set()
+        self._wakeup.set()  # a collecting batch re-checks its size and restarts its wait
         return futures
 
     async def predict(self, images: Sequence[torch.Tensor]) -> list:
         """The result for each image, in order (cancelling this cancels its queued images)."""
         return list(await asyncio.gather(*self.submit(images)))
+
+    def _fair_share(self) -> int:
+        """The most this batch may take: images queued, running and announced, split over the instances."""
+        images = self.depth + self._running + self._expected
+        return min(self.max_batch_size, max(1, math.ceil(images / self.instances)))
+
+    def _wait_deadline(self) -> float:
+        """While other forwards run, wait as long as images keep arriving; else for the oldest's max_wait."""
+        if self._running:
+            return self._last_arrival + self.max_wait_s
+        return self._items[0].enqueued + self.max_wait_s
 
     async def _collect(self) -> list[_Item]:
         """The next batch, once an instance is free (the caller holds `_free`)."""
@@ -144,8 +159,8 @@ class DynamicBatcher:
         while not self._items:
             self._wakeup.clear()
             await self._wakeup.wait()
-        while self.depth < self.max_batch_size and self._expected > 0:
-            remaining = self._items[0].enqueued + self.max_wait_s - loop.time()
+        while self.depth < self._fair_share() and (self._expected > 0 or self._running > 0):
+            remaining = self._wait_deadline() - loop.time()
             if remaining <= 0:
                 break
             self._wakeup.clear()
@@ -153,9 +168,10 @@ class DynamicBatcher:
                 async with asyncio.timeout(remaining):
                     await self._wakeup.wait()
             except TimeoutError:
-                break
+                pass  # the deadline may have moved on meanwhile: the loop condition decides
+        share = self._fair_share()
         batch: list[_Item] = []
-        while self._items and len(batch) < self.max_batch_size:
+        while self._items and len(batch) < share:
             item = self._items.popleft()
             if not item.future.done():  # done here means cancelled: its client went away
                 batch.append(item)
@@ -175,9 +191,10 @@ class DynamicBatcher:
             if not batch:
                 self._free.release()
                 continue
+            self._running += len(batch)
             task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
@@ -194,6 +211,7 @@ class DynamicBatcher:
                     item.future.set_exception(exc)
             return
         finally:
+            self._running -= len(batch)
             self._free.release()
         seconds = time.perf_counter() - started
         per_image = seconds / len(batch) / self.instances

@@ -123,6 +123,75 @@ def test_a_lone_request_does_not_wait():
     assert run(main()) < 1  # nobody else announced: no reason to wait out the 5 s
 
 
+class HeldForward:
+    """An async forward (like the worker pool's) whose every batch waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(images))
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        return images.flatten(1)[:, :1].float()
+
+    async def started(self, n: int) -> None:
+        while len(self.sizes) < n:
+            await asyncio.sleep(0.001)
+
+
+def test_with_several_instances_a_batch_takes_its_fair_share():
+    async def main():
+        forward = HeldForward()
+        batcher = DynamicBatcher(forward.forward, max_batch_size=64, max_wait_s=0, queue_size=100, instances=2)
+        batcher.start()
+        request = asyncio.ensure_future(batcher.predict([image(i) for i in range(12)]))
+        await forward.started(2)
+        for gate in forward.gates:
+            gate.set()
+        values = [r.item() for r in await request]
+        await batcher.stop()
+        return forward.sizes, values
+
+    sizes, values = run(main())
+    assert sizes == [6, 6]  # both instances at once, not one batch of 12 beside an idle instance
+    assert values == list(range(12))
+
+
+def test_while_another_forward_runs_a_free_instance_waits_for_arrivals():
+    async def main(gap_s: float, arrivals: int):
+        forward = HeldForward()
+        batcher = DynamicBatcher(forward.forward, max_batch_size=64, max_wait_s=0.1, queue_size=100, instances=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.predict([image(i) for i in range(12)]))
+        await forward.started(2)  # 6 + 6, both held
+        forward.gates[1].set()  # one instance is free again, the other still runs its 6
+        returning = []
+        for i in range(arrivals):  # a burst of single-image requests, gap_s apart
+            returning.append(asyncio.ensure_future(batcher.predict([image(20 + i)])))
+            await asyncio.sleep(gap_s)
+        await asyncio.sleep(0.3)
+        sizes_while_held = list(forward.sizes)
+        for gate in forward.gates:
+            gate.set()
+        await first
+        values = [r[0].item() for r in await asyncio.gather(*returning)]
+        while len(forward.gates) > len(sizes_while_held):  # release what went after
+            for gate in forward.gates:
+                gate.set()
+            await asyncio.sleep(0.01)
+        await batcher.stop()
+        return sizes_while_held, values
+
+    sizes, values = run(main(gap_s=0.01, arrivals=6))
+    assert sizes == [6, 6, 6]  # it waited for the whole burst instead of sending its first image alone
+    assert values == list(range(20, 26))
+    sizes, _ = run(main(gap_s=0.01, arrivals=2))
+    assert sizes == [6, 6, 2]  # arrivals stopped: after max_wait without one it went with what it had
+
+
 def test_full_queue_raises_queue_full_with_retry_after():
     async def main():
         forward = GatedForward(open_gate=False)
