@@ -38,7 +38,8 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(64, ge=1, description="images per forward pass, at most")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more images once the "
-                                                      "model is free")
+                                                      "model is free (while another forward runs: the "
+                                                      "longest gap between arrivals it waits out)")
     queue_size: int = Field(1024, ge=1, description="images waiting per model; beyond it 503 + Retry-After")
 
     max_files_per_request: int = Field(64, ge=1)
