@@ -129,17 +129,24 @@ class HeldForward:
     def __init__(self) -> None:
         self.sizes: list[int] = []
         self.gates: list[asyncio.Event] = []
+        self.released = False
 
     async def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.sizes.append(len(images))
-        gate = asyncio.Event()
-        self.gates.append(gate)
-        await gate.wait()
+        if not self.released:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
         return images.flatten(1)[:, :1].float()
 
     async def started(self, n: int) -> None:
         while len(self.sizes) < n:
             await asyncio.sleep(0.001)
+
+    def release_all(self) -> None:
+        self.released = True
+        for gate in self.gates:
+            gate.set()
 
 
 def test_with_several_instances_a_batch_takes_its_fair_share():
@@ -149,8 +156,7 @@ def test_with_several_instances_a_batch_takes_its_fair_share():
         batcher.start()
         request = asyncio.ensure_future(batcher.predict([image(i) for i in range(12)]))
         await forward.started(2)
-        for gate in forward.gates:
-            gate.set()
+        forward.release_all()
         values = [r.item() for r in await request]
         await batcher.stop()
         return forward.sizes, values
@@ -174,14 +180,9 @@ def test_while_another_forward_runs_a_free_instance_waits_for_arrivals():
             await asyncio.sleep(gap_s)
         await asyncio.sleep(0.3)
         sizes_while_held = list(forward.sizes)
-        for gate in forward.gates:
-            gate.set()
+        forward.release_all()
         await first
         values = [r[0].item() for r in await asyncio.gather(*returning)]
-        while len(forward.gates) > len(sizes_while_held):  # release what went after
-            for gate in forward.gates:
-                gate.set()
-            await asyncio.sleep(0.01)
         await batcher.stop()
         return sizes_while_held, values
 
