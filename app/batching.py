@@ -78,6 +78,7 @@ class DynamicBatcher:
         self._seconds_per_image = 0.0  # moving average, for Retry-After
         self._expected = 0  # requests announced by `expecting()` that have not submitted yet
         self._running = 0  # images in forwards now running
+        self._recent_peak = 0.0  # most images queued and running at once lately (decays per batch)
         self._last_arrival = 0.0  # loop time of the latest submit
 
     @property
@@ -135,6 +136,7 @@ class DynamicBatcher:
             future = loop.create_future()
             self._items.append(_Item(image, future, now))
             futures.append(future)
+        self._recent_peak = max(self._recent_peak, self.depth + self._running)
         self._wakeup.set()  # a collecting batch re-checks its size and restarts its wait
         return futures
 
@@ -143,8 +145,11 @@ class DynamicBatcher:
         return list(await asyncio.gather(*self.submit(images)))
 
     def _fair_share(self) -> int:
-        """The most this batch may take: images queued, running and announced, split over the instances."""
-        images = self.depth + self._running + self._expected
+        """The most this batch may take: images queued, running and announced, split over the instances.
+        The recent peak stands in for requests that are on their way back (answered, their clients
+        about to send the next): without it a closed loop of clients can settle into more groups
+        than instances, a whole group always queued, and every batch smaller than it need be."""
+        images = max(self.depth + self._running + self._expected, math.floor(self._recent_peak))
         return min(self.max_batch_size, max(1, math.ceil(images / self.instances)))
 
     def _wait_deadline(self) -> float:
@@ -192,6 +197,7 @@ class DynamicBatcher:
                 self._free.release()
                 continue
             self._running += len(batch)
+            self._recent_peak *= 0.9  # forget a load that has gone within a few dozen batches
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

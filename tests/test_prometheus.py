@@ -35,8 +35,10 @@ def test_counters_follow_traffic(client, sign_png):
     assert delta("signserve_images_classified_total", model="cnn") == 6
     assert delta("signserve_prediction_duration_seconds_count", model="cnn") == 3
     assert delta("signserve_batch_size_sum", model="cnn") == 6
-    assert 1 <= delta("signserve_batch_size_count", model="cnn") <= 3
-    assert delta("signserve_forward_duration_seconds_count", model="cnn") >= 1
+    # one forward per request, or two when the batcher splits a request's images over two idle instances
+    assert 1 <= delta("signserve_batch_size_count", model="cnn") <= 6
+    assert delta("signserve_forward_duration_seconds_count", model="cnn") == delta("signserve_batch_size_count",
+                                                                                   model="cnn")
 
 
 def test_gauges_and_model_info(client, model_names):
