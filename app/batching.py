@@ -14,8 +14,8 @@ parsing, decoding and the next batch's collection overlap with them: a plain for
 in dedicated threads; an async one (app.workers: forward worker processes) is awaited on the loop.
 On a CPU, several single-threaded instances use the cores better than one multi-threaded forward:
 no OpenMP barrier stalls when the event loop takes a core for a moment. With several instances a
-batch takes at most its fair share, the images queued, running and announced split evenly over
-the instances, and while other forwards run it waits for that share as long as images keep
+batch takes at most its fair share, the images queued, running and announced (or their recent
+peak) split evenly over the instances, and while other forwards run it waits for that share as long as images keep
 arriving (gaps under `max_wait_s`): waiting costs nothing while the other instances are busy,
 and it keeps a free instance from grabbing the first image of a returning burst as a batch of
 one, the rest then piling up behind it (see docs/serving.md for what it did to throughput).
