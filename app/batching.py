@@ -15,10 +15,10 @@ in dedicated threads; an async one (app.workers: forward worker processes) is aw
 On a CPU, several single-threaded instances use the cores better than one multi-threaded forward:
 no OpenMP barrier stalls when the event loop takes a core for a moment. With several instances a
 batch takes at most its fair share, the images queued, running and announced (or their recent
-peak) split evenly over the instances, and while other forwards run it waits for that share as long as images keep
-arriving (gaps under `max_wait_s`): waiting costs nothing while the other instances are busy,
-and it keeps a free instance from grabbing the first image of a returning burst as a batch of
-one, the rest then piling up behind it (see docs/serving.md for what it did to throughput).
+peak) split evenly over the instances, and while other forwards run it waits for that share as
+long as images keep arriving (gaps under `max_wait_s`): waiting costs nothing while the other
+instances are busy, and it keeps a free instance from grabbing the first image of a returning
+burst as a batch of one, the rest then piling up behind it (docs/serving.md has the measurements).
 The queue is bounded: when it is full `submit` raises `QueueFull` at once (the route answers
 503 + Retry-After) instead of letting latency grow without end.
 """
@@ -219,6 +219,7 @@ class DynamicBatcher:
         finally:
             self._running -= len(batch)
             self._free.release()
+            self._wakeup.set()  # a batch waiting because this forward ran may have to wait no longer
         seconds = time.perf_counter() - started
         per_image = seconds / len(batch) / self.instances
         self._seconds_per_image = per_image if not self._seconds_per_image else \

@@ -4,8 +4,8 @@ Starlette's form parser spools every file to a temporary file before the route s
 over-sized upload is only noticed after it has been received in full. This reader counts bytes as
 they arrive and stops at the first file over the limit, the first file over the count limit, or a
 body larger than both limits allow; it keeps each accepted file in memory (at most the limit).
-A small body with a declared length (up to 256 kB: a typical sign photo) is read whole first and
-split in memory, which is cheaper; both paths feed the same limit-checking collector.
+A small body with a declared length (up to 256 kB, e.g. a cropped sign image) is read whole first
+and split in memory, which is cheaper; both paths feed the same limit-checking collector.
 """
 
 from __future__ import annotations
