@@ -45,7 +45,7 @@ from training.sam import SAM
 
 MAX_EPOCHS = 20
 EXIT_PREEMPTED = 99
-DEFAULT_INPUT_SIZE = {"cnn": 32, "resnet18": 64}
+DEFAULT_INPUT_SIZE = {"cnn": 32, "resnet18": 80}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-weights", default=None, choices=["random", "imagenet"],
                    help="resnet18 start (default: imagenet when --weights is given, else random)")
     p.add_argument("--weights", help="local ImageNet ResNet18 weights file (implies --start-weights imagenet)")
-    p.add_argument("--input-size", type=int, default=None, help="square input side (default cnn 32, resnet18 64)")
+    p.add_argument("--input-size", type=int, default=None, help="square input side (default cnn 32, resnet18 80)")
     p.add_argument("--no-augment", action="store_true", help="train on the plain images")
     p.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
                    help="per image, the probability of covering a random rectangle with noise (occlusion)")
