@@ -69,7 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-weights", default=None, choices=["random", "imagenet"],
                    help="resnet18 start (default: imagenet when --weights is given, else random)")
     p.add_argument("--weights", help="local ImageNet ResNet18 weights file (implies --start-weights imagenet)")
-    p.add_argument("--input-size", type=int, default=None, help="square input side (default cnn 32, resnet18 80)")
+    sizes = ", ".join(f"{name} {side}" for name, side in DEFAULT_INPUT_SIZE.items())
+    p.add_argument("--input-size", type=int, default=None, help=f"square input side (default {sizes})")
     p.add_argument("--no-augment", action="store_true", help="train on the plain images")
     p.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
                    help="per image, the probability of covering a random rectangle with noise (occlusion)")
