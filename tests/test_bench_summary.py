@@ -1,0 +1,50 @@
+"""The benchmark's arithmetic (bench.__main__.summarize) on a hand-made report: which bound applies,
+the ratios the issue's targets are about, and the CPU budget and floor printed next to them."""
+
+import pytest
+
+from bench.__main__ import TARGET_RATIO, summarize
+
+
+def _run(requests_per_s: float, machine_cpu_ms: float, **extra) -> dict:
+    return {"requests_per_s": requests_per_s, "machine_cpu_ms_per_request": machine_cpu_ms, "machine_busy": 0.9,
+            "p50_ms": 5.0, **extra}
+
+
+def _report(bare_single: float, bare_plan: float, service_c32: float) -> dict:
+    return {
+        "machine": {"cpus": 2},
+        "ceiling": {"upload": {"32": _run(2000, 0.7)}, "raw_body": {"32": _run(3000, 0.3)}},
+        "models": {"cnn": {
+            "bare_forward_images_per_s": {"single": bare_single, "plan": bare_plan},
+            "bare_forward_machine_cpu_ms_per_image": {"single": 1.5, "plan": 1.2},
+            "decode_cpu_ms_per_image": 0.2,
+            "service": {"1": _run(150, 6.0), "32": _run(service_c32, 2.5, mean_batch_size=16.0)},
+            "plain": {"32": _run(150, 10.0)},
+        }},
+    }
+
+
+def test_bound_is_the_faster_forward_when_it_is_below_the_ceiling():
+    s = summarize(_report(bare_single=1200, bare_plan=1600, service_c32=800), top=32)["cnn"]
+    assert s["bound_is"] == "bare forward" and s["bound_requests_per_s"] == 1600
+    assert s["service_c32_over_min_bare_ceiling"] == pytest.approx(0.5)
+    assert s["service_c32_over_min_single_forward_loop_ceiling"] == pytest.approx(800 / 1200)
+    assert s["service_c32_over_plain_c32"] == pytest.approx(800 / 150)
+
+
+def test_bound_is_the_http_ceiling_when_the_forward_is_faster():
+    s = summarize(_report(bare_single=5000, bare_plan=6000, service_c32=1500), top=32)["cnn"]
+    assert s["bound_is"] == "HTTP ceiling" and s["bound_requests_per_s"] == 2000
+    assert s["service_c32_over_min_bare_ceiling"] == pytest.approx(0.75)
+
+
+def test_cpu_budget_floor_and_limit():
+    s = summarize(_report(bare_single=1200, bare_plan=1600, service_c32=800), top=32)["cnn"]
+    # 2 cores at 0.70 x 1600 requests/s: 2000 ms / 1120 per second of CPU each
+    assert s["target_cpu_budget_ms_per_request"] == pytest.approx(2000 / (TARGET_RATIO * 1600))
+    # raw-body receive 0.3 + decode 0.2 + the cheaper forward configuration 1.2
+    assert s["cpu_floor_ms_per_request"] == pytest.approx(1.7)
+    assert s["cpu_floor_limit_over_bound"] == pytest.approx(2000 / 1.7 / 1600)
+    # receive-only upload 0.7 + forward 1.2 with both cores busy
+    assert s["cpu_limit_requests_per_s"] == pytest.approx(2000 / 1.9)
