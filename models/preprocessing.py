@@ -56,8 +56,9 @@ def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
     if pre.equalize:
         y, cb, cr = image.convert("YCbCr").split()
         image = Image.merge("YCbCr", (ImageOps.equalize(y), cb, cr)).convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    # HWC -> CHW in numpy: one copy, and about half the CPU of torch's permute + contiguous on one
+    # small image (this runs on the service's event loop for every upload)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def normalize(batch: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:
