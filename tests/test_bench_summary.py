@@ -18,7 +18,7 @@ def _report(bare_single: float, bare_plan: float, service_c32: float) -> dict:
         "models": {"cnn": {
             "bare_forward_images_per_s": {"single": bare_single, "plan": bare_plan},
             "bare_forward_machine_cpu_ms_per_image": {"single": 1.5, "plan": 1.2},
-            "decode_cpu_ms_per_image": 0.2,
+            "request_work_cpu_ms": 0.2,
             "service": {"1": _run(150, 6.0), "32": _run(service_c32, 2.5, mean_batch_size=16.0)},
             "plain": {"32": _run(150, 10.0)},
         }},
@@ -43,7 +43,7 @@ def test_cpu_budget_floor_and_limit():
     s = summarize(_report(bare_single=1200, bare_plan=1600, service_c32=800), top=32)["cnn"]
     # 2 cores at 0.70 x 1600 requests/s: 2000 ms / 1120 per second of CPU each
     assert s["target_cpu_budget_ms_per_request"] == pytest.approx(2000 / (TARGET_RATIO * 1600))
-    # raw-body receive 0.3 + decode 0.2 + the cheaper forward configuration 1.2
+    # raw-body receive 0.3 + parsing, decoding and answering 0.2 + the cheaper forward configuration 1.2
     assert s["cpu_floor_ms_per_request"] == pytest.approx(1.7)
     assert s["cpu_floor_limit_over_bound"] == pytest.approx(2000 / 1.7 / 1600)
     # receive-only upload 0.7 + forward 1.2 with both cores busy
