@@ -217,9 +217,10 @@ def main() -> None:
     print("bare batched forward, before the HTTP runs:", flush=True)
     rounds = [bare_forward_rates(paths, settings, device, plan)]
     for path in paths:
-        work = request_work_cpu_ms(body.read_bytes(), boundary, load_checkpoint(path, name=path.stem), settings)
-        report["models"][path.stem] = {"request_work_cpu_ms": work}
-        print(f"  {path.stem}: parsing, decoding and answering one upload in-process {work:.2f} ms CPU", flush=True)
+        handling = request_work_cpu_ms(body.read_bytes(), boundary, load_checkpoint(path, name=path.stem), settings)
+        report["models"][path.stem] = {"request_work_cpu_ms": handling}
+        print(f"  {path.stem}: parsing, decoding and answering one upload in-process {handling:.2f} ms CPU",
+              flush=True)
 
     def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
                           env: dict[str, str] | None = None, batched: bool = False) -> dict:
