@@ -5,11 +5,14 @@ per request as multipart/form-data, loopback only):
 
 - service:  `python -m app`, the real service with its dynamic batcher;
 - plain:    a hand-written per-request FastAPI handler, no batching (bench/plain_handler.py);
+- bare:     the model's batched forward pass alone (bench/forward.py), right before and right
+            after the service's runs of that model;
+- the route's own work in this process (multipart parsing, decoding, the answer), for the floor;
 and once:
-- ceiling:  a minimal FastAPI endpoint that only receives the upload (bench/receive_only.py);
-- bare:     the model's batched forward pass alone, in this process (bench/forward.py).
+- ceiling:  a minimal FastAPI endpoint that only receives the upload (bench/receive_only.py).
 
-Prints a table and the ratios the service is held to, and writes artifacts/bench.json.
+Prints a table, the ratios the service is held to and the CPU budget and floor behind the
+throughput target, and writes artifacts/bench.json.
 Every server runs alone while it is measured; nothing else should load the machine meanwhile.
 """
 
