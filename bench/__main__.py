@@ -36,14 +36,14 @@ import torch
 
 from app import imaging
 from app.engine import Predictor, select_device
-from app.routers.predict import FILE_FIELD
-from app.schemas.predict import FileResult, Prediction, PredictResponse
+from app.routers.predict import FILE_FIELD, answer
 from app.service import ExecutionPlan, checkpoint_paths, execution_plan
 from app.settings import Settings
 from app.uploads import read_files
 from app.workers import WorkerPool
 from bench import forward, harness
 from models.checkpoint import LoadedModel, load_checkpoint
+from models.classes import NUM_CLASSES
 
 ROOT = harness.ROOT
 TARGET_RATIO = 0.70  # the issue's: service throughput at c=32 over min(bare forward, HTTP ceiling)
@@ -69,19 +69,18 @@ def request_work_cpu_ms(body: bytes, boundary: str, loaded: LoadedModel, setting
                         seconds: float = 1.0) -> float:
     """CPU per request of what the route does besides HTTP and the forward, with the service's own
     code: parse the multipart body (app.uploads), decode the image (app.imaging), build and serialise
-    a top-5 answer (app.schemas)."""
+    a top-5 answer (app.routers.predict.answer)."""
     content_type = f"multipart/form-data; boundary={boundary}"
+    ranked = [(list(range(NUM_CLASSES)), [1 / NUM_CLASSES] * NUM_CLASSES)]
 
     async def one() -> str:
         async def chunks():
             yield body
 
-        upload = (await read_files(content_type, str(len(body)), chunks(), field_name=FILE_FIELD,
-                                   max_files=settings.max_files_per_request, max_bytes=settings.max_upload_bytes))[0]
-        imaging.decode(upload.data, upload.filename, loaded.preprocessing, settings.max_image_pixels)
-        predictions = [Prediction(class_id=c, label=loaded.class_names[c], probability=0.2) for c in range(5)]
-        return PredictResponse(model=loaded.name, results=[FileResult(filename=upload.filename,
-                                                                      predictions=predictions)]).model_dump_json()
+        uploads = await read_files(content_type, str(len(body)), chunks(), field_name=FILE_FIELD,
+                                   max_files=settings.max_files_per_request, max_bytes=settings.max_upload_bytes)
+        imaging.decode(uploads[0].data, uploads[0].filename, loaded.preprocessing, settings.max_image_pixels)
+        return answer(loaded, uploads, ranked, top_k=5).model_dump_json()
 
     async def timed() -> float:
         await one()
@@ -94,44 +93,38 @@ def request_work_cpu_ms(body: bytes, boundary: str, loaded: LoadedModel, setting
     return asyncio.run(timed())
 
 
-def bare_forward_rates(paths: list[Path], settings: Settings, device: torch.device,
-                       plan: ExecutionPlan) -> dict[str, dict[str, forward.Rate]]:
-    """Model -> configuration -> batched forward rate: one forward at a time on all torch threads, and
-    the service's own plan (its worker processes, fed from one event loop, or its threads)."""
+def bare_forward_rates(path: Path, loaded: LoadedModel, settings: Settings,
+                       plan: ExecutionPlan) -> dict[str, forward.Rate]:
+    """Configuration -> batched forward rate of one model: one forward at a time on all torch threads,
+    and the service's own plan (its worker processes, fed from one event loop, or its threads)."""
     batch_size = settings.max_batch_size
     plan_label = (f"{plan.instances} {'processes' if plan.processes else 'threads'} x "
                   f"{plan.torch_threads or torch.get_num_threads()} torch threads, batch {batch_size}")
     single_label = f"1 forward x {torch.get_num_threads()} torch threads, batch {batch_size}"
-    predictors = {p.stem: Predictor(load_checkpoint(p, device=device, name=p.stem), half=settings.half,
-                                    channels_last=settings.channels_last) for p in paths}
-    rates = {name: {single_label: forward.images_per_second(predictor, batch_size)}
-             for name, predictor in predictors.items()}
+    predictor = Predictor(loaded, half=settings.half, channels_last=settings.channels_last)
+    rates = {single_label: forward.images_per_second(predictor, batch_size)}
     if plan.processes:
-        pool = WorkerPool(WorkerPool.config_for({p.stem: p for p in paths}, device, half=settings.half,
+        pool = WorkerPool(WorkerPool.config_for({loaded.name: path}, loaded.device, half=settings.half,
                                                 channels_last=settings.channels_last, threads=plan.torch_threads or 1,
                                                 warmup_batch_size=batch_size, nice=settings.worker_nice),
                           plan.instances)
         pool.start()
 
-        async def pool_rates() -> dict[str, forward.Rate]:  # one event loop, as in the service
+        async def pool_rate() -> forward.Rate:  # one event loop, as in the service
             try:
-                return {name: await forward.concurrent_images_per_second_async(
-                    pool.forward(name), forward.random_batch(batch_size, predictor.input_size), plan.instances, 3.0)
-                    for name, predictor in predictors.items()}
+                return await forward.concurrent_images_per_second_async(
+                    pool.forward(loaded.name), forward.random_batch(batch_size, predictor.input_size),
+                    plan.instances, 3.0)
             finally:
                 await pool.close()
 
-        plan_rates = asyncio.run(pool_rates())
+        rates[plan_label] = asyncio.run(pool_rate())
     else:
-        plan_rates = {name: forward.images_per_second(predictor, batch_size, instances=plan.instances,
+        rates[plan_label] = forward.images_per_second(predictor, batch_size, instances=plan.instances,
                                                       threads=plan.torch_threads)
-                      for name, predictor in predictors.items()}
-    for name, rate in plan_rates.items():
-        rates[name][plan_label] = rate
-    for name, configs in rates.items():
-        for config, rate in configs.items():
-            print(f"  {name}: {config}: {rate.images_per_s:.0f} images/s, machine CPU "
-                  f"{rate.machine_cpu_ms_per_image:.2f} ms/image", flush=True)
+    for config, rate in rates.items():
+        print(f"  {loaded.name}: {config}: {rate.images_per_s:.0f} images/s, machine CPU "
+              f"{rate.machine_cpu_ms_per_image:.2f} ms/image", flush=True)
     return rates
 
 
@@ -214,8 +207,10 @@ def main() -> None:
     device = select_device(settings.device)
     plan = execution_plan(settings, device)
     report["machine"]["service_plan"] = asdict(plan)
+    loaded = {p.stem: load_checkpoint(p, device=device, name=p.stem) for p in paths}
+    body_bytes = body.read_bytes()
     for path in paths:
-        handling = request_work_cpu_ms(body.read_bytes(), boundary, load_checkpoint(path, name=path.stem), settings)
+        handling = request_work_cpu_ms(body_bytes, boundary, loaded[path.stem], settings)
         report["models"][path.stem] = {"request_work_cpu_ms": handling}
         print(f"  {path.stem}: parsing, decoding and answering one upload in-process {handling:.2f} ms CPU",
               flush=True)
@@ -228,7 +223,7 @@ def main() -> None:
 
     def bare_forward(name: str) -> None:
         print(f"  bare batched forward ({'before' if not rounds[name] else 'after'} the service runs):", flush=True)
-        rounds[name].append(bare_forward_rates([path_of[name]], settings, device, plan)[name])
+        rounds[name].append(bare_forward_rates(path_of[name], loaded[name], settings, plan))
 
     def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
                           env: dict[str, str] | None = None, batched: bool = False,
@@ -315,6 +310,7 @@ def summarize(report: dict, top: int) -> dict:
             "bound_is": "bare forward" if bare < ceiling else "HTTP ceiling",
             "target_cpu_budget_ms_per_request": budget,
             "raw_body_machine_cpu_ms_per_request": raw_cpu,
+            "best_bare_forward_machine_cpu_ms_per_image": forward_cpu,
             "cpu_floor_ms_per_request": floor,
             "cpu_floor_limit_over_bound": report["machine"]["cpus"] * 1e3 / floor / bound,
             f"service_c{top}_machine_cpu_ms_per_request": run["machine_cpu_ms_per_request"],
@@ -354,10 +350,10 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
               f"request, cores {s[f'service_c{top}_machine_busy']:.0%} busy, "
               f"{s[f'service_c{top}_mean_batch_size']:.1f} images per forward")
         reachable = s["cpu_floor_ms_per_request"] <= s["target_cpu_budget_ms_per_request"]
-        forward_cpu = min(m["bare_forward_machine_cpu_ms_per_image"].values())
         print(f"  CPU budget at the target: {s['target_cpu_budget_ms_per_request']:.2f} ms of machine CPU per request. "
               f"Floor: reading the raw body {s['raw_body_machine_cpu_ms_per_request']:.2f} + parsing, decoding and "
-              f"answering in-process {m['request_work_cpu_ms']:.2f} + the bare forward {forward_cpu:.2f} = "
+              f"answering in-process {m['request_work_cpu_ms']:.2f} + the bare forward "
+              f"{s['best_bare_forward_machine_cpu_ms_per_image']:.2f} = "
               f"{s['cpu_floor_ms_per_request']:.2f} ms, before batching and the hand-off to the forwards: the target "
               f"is {'within reach' if reachable else 'out of reach'} on this machine "
               f"(the floor alone allows {s['cpu_floor_limit_over_bound']:.2f} of the bound)")

@@ -20,6 +20,7 @@ from app.service import ServedModel
 from app.settings import Settings
 from app.uploads import Upload, read_files
 from app.workers import WorkerDied
+from models.checkpoint import LoadedModel
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -132,10 +133,17 @@ async def predict(request: Request) -> PredictResponse:
     except WorkerDied as exc:  # already replaced; the client may simply retry
         raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
     metrics.prediction_duration.labels(served.loaded.name).observe(time.perf_counter() - started)
-    labels, k = served.loaded.class_names, query.top_k
-    return PredictResponse(model=served.loaded.name, results=[
+    return answer(served.loaded, uploads, ranked, query.top_k)
+
+
+def answer(model: LoadedModel, uploads: list[Upload], ranked: list[tuple[list[int], list[float]]],
+           top_k: int) -> PredictResponse:
+    """The response: per upload, its `top_k` most probable classes with their names."""
+    labels = model.class_names
+    return PredictResponse(model=model.name, results=[
         FileResult(filename=upload.filename, predictions=[
-            Prediction(class_id=c, label=labels[c], probability=p) for c, p in zip(class_ids[:k], probabilities[:k])
+            Prediction(class_id=c, label=labels[c], probability=p)
+            for c, p in zip(class_ids[:top_k], probabilities[:top_k])
         ])
         for upload, (class_ids, probabilities) in zip(uploads, ranked)
     ])
