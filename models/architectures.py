@@ -97,3 +97,18 @@ def build_model(architecture: str, num_classes: int = NUM_CLASSES, start_weights
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of the final linear layer, [N, D]: what the sign gate of models.calibration reads.
+    `classifier_head(model)(penultimate_features(model, x))` equals `model(x)` in eval mode."""
+    if isinstance(model, SignCNN):
+        return torch.flatten(model.features(x), 1)  # the dropout before the head is a no-op in eval
+    m = model  # torchvision ResNet: its forward() up to the flattened average pool
+    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+    return torch.flatten(m.avgpool(x), 1)
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    return model.classifier[-1] if isinstance(model, SignCNN) else model.fc

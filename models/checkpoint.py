@@ -14,7 +14,11 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
       "train_args": {flag: value},
       "data": {"root", "train_samples", "test_samples", ...},
       "state_dict": {name: tensor},   # floating tensors may be stored in fp16 to halve the file
+      "calibration": Calibration.to_dict(),  # optional: temperature, sign gate, recognition rule, figures
+      "ensemble": EnsembleSpec.to_dict(),    # optional: the ensemble this model is a member of
     }
+
+A checkpoint without "calibration" serves plain softmax probabilities (models.calibration.Calibration()).
 
 Files are written atomically: a temp file in the same directory, fsync, then rename.
 """
@@ -33,6 +37,8 @@ import torch
 from torch import nn
 
 from models.architectures import build_model, count_parameters
+from models.calibration import Calibration
+from models.ensemble import ENSEMBLE_NAME, EnsembleSpec
 from models.preprocessing import Preprocessing
 
 FORMAT = "signserve-checkpoint"
@@ -131,10 +137,15 @@ class LoadedModel:
     path: Path
     device: torch.device
     parameters: int = field(default=0)
+    calibration: Calibration = field(default_factory=Calibration)
+    ensemble: EnsembleSpec | None = None
 
     @property
     def test_accuracy(self) -> float | None:
-        return self.metrics[-1]["test_accuracy"] if self.metrics else None
+        if self.metrics:
+            return self.metrics[-1]["test_accuracy"]
+        # an ensemble trains no epochs; training.calibrate measured it
+        return self.ensemble.test_accuracy if self.ensemble and self.architecture == ENSEMBLE_NAME else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -181,6 +192,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         path=path,
         device=device,
         parameters=count_parameters(model),
+        calibration=Calibration.from_dict(ckpt.get("calibration")),
+        ensemble=EnsembleSpec.from_dict(ckpt["ensemble"]) if ckpt.get("ensemble") else None,
     )
 
 
