@@ -9,7 +9,7 @@ from torch import nn
 
 from models.classes import NUM_CLASSES
 
-ARCHITECTURES = ("cnn", "resnet18")
+ARCHITECTURES = ("cnn", "resnet18", "detector")
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -92,6 +92,10 @@ def build_model(architecture: str, num_classes: int = NUM_CLASSES, start_weights
             raise ValueError(f"unknown start_weights {start_weights!r}; expected 'random' or 'imagenet'")
         model.fc = nn.Linear(model.fc.in_features, num_classes)  # the new 43-way head
         return model
+    if architecture == "detector":
+        from models.detector import SignDetector
+
+        return SignDetector(num_groups=num_classes)
     raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
 
 

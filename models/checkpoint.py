@@ -13,6 +13,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
       "metrics": [{"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}, ...],
       "train_args": {flag: value},
       "data": {"root", "train_samples", "test_samples", ...},
+      "inference": {...},             # settings chosen after training, e.g. the detector's score_threshold
       "state_dict": {name: tensor},   # floating tensors may be stored in fp16 to halve the file
       "calibration": Calibration.to_dict(),  # optional: temperature, sign gate, recognition rule, figures
       "ensemble": EnsembleSpec.to_dict(),    # optional: the ensemble this model is a member of
@@ -95,7 +96,7 @@ def safe_load(path: str | os.PathLike) -> dict:
 
 def make_checkpoint(model: nn.Module, *, architecture: str, class_names: list[str], preprocessing: Preprocessing,
                     start_weights: str, metrics: list[dict], train_args: dict, data: dict,
-                    half: bool = False) -> dict:
+                    half: bool = False, inference: dict | None = None) -> dict:
     state = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -110,6 +111,7 @@ def make_checkpoint(model: nn.Module, *, architecture: str, class_names: list[st
         "metrics": [dict(m) for m in metrics],
         "train_args": dict(train_args),
         "data": dict(data),
+        "inference": dict(inference or {}),
         "state_dict": state,
     }
 
@@ -139,11 +141,12 @@ class LoadedModel:
     parameters: int = field(default=0)
     calibration: Calibration = field(default_factory=Calibration)
     ensemble: EnsembleSpec | None = None
+    inference: dict = field(default_factory=dict)
 
     @property
     def test_accuracy(self) -> float | None:
         if self.metrics:
-            return self.metrics[-1]["test_accuracy"]
+            return self.metrics[-1].get("test_accuracy")  # None for the detector
         # an ensemble trains no epochs; training.calibrate measured it
         return self.ensemble.test_accuracy if self.ensemble and self.architecture == ENSEMBLE_NAME else None
 
@@ -194,12 +197,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         parameters=count_parameters(model),
         calibration=Calibration.from_dict(ckpt.get("calibration")),
         ensemble=EnsembleSpec.from_dict(ckpt["ensemble"]) if ckpt.get("ensemble") else None,
+        inference=dict(ckpt.get("inference", {})),
     )
 
 
-def metrics_csv(metrics: list[dict]) -> str:
-    """The per-epoch metrics as CSV text with the fixed METRIC_FIELDS columns."""
-    lines = [",".join(METRIC_FIELDS)]
+def metrics_csv(metrics: list[dict], fields: tuple[str, ...] | None = None) -> str:
+    """The per-epoch metrics as CSV text; columns `fields`, by default METRIC_FIELDS for a
+    classifier and the first row's keys for any other model."""
+    if fields is None:
+        fields = METRIC_FIELDS if not metrics or "test_accuracy" in metrics[0] else tuple(metrics[0])
+    lines = [",".join(fields)]
     for m in metrics:
-        lines.append(",".join(f"{m[k]:.6f}" if isinstance(m[k], float) else str(m[k]) for k in METRIC_FIELDS))
+        lines.append(",".join(f"{m[k]:.6f}" if isinstance(m[k], float) else str(m[k]) for k in fields))
     return "\n".join(lines) + "\n"

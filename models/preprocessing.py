@@ -27,6 +27,9 @@ class Preprocessing:
     # Optionally histogram-equalise the luminance after resizing (a classic GTSRB trick for photos
     # taken at dusk or against glare). Off by default: with our CNN it measured worse (see README).
     equalize: bool = False
+    # "square": resize to input_size x input_size (the classifiers' crops); "fit": shrink, keeping the
+    # aspect ratio, until the longer side is at most input_size, never enlarge (the detector's frames).
+    resize: str = "square"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -39,20 +42,31 @@ class Preprocessing:
             std=tuple(float(x) for x in d["std"]),
             interpolation=str(d["interpolation"]),
             equalize=bool(d.get("equalize", False)),  # absent in checkpoints written before the option
+            resize=str(d.get("resize", "square")),
         )
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of this size is resized to."""
+        if self.resize == "square":
+            return self.input_size, self.input_size
+        scale = min(1.0, self.input_size / max(width, height))
+        return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
-    """A PIL image in any mode -> uint8 tensor [3, S, S]: EXIF orientation applied, RGB, resized."""
+    """A PIL image in any mode -> uint8 tensor [3, H, W]: EXIF orientation applied, RGB, resized
+    (H = W = input_size for "square", the aspect kept for "fit")."""
     image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA")  # palette images may carry transparency; go through RGBA
     if image.mode != "RGB":
         image = image.convert("RGB")
-    image = image.resize((pre.input_size, pre.input_size), _RESAMPLE[pre.interpolation])
+    size = pre.target_size(*image.size)
+    if size != image.size:
+        image = image.resize(size, _RESAMPLE[pre.interpolation])
     if pre.equalize:
         y, cb, cr = image.convert("YCbCr").split()
         image = Image.merge("YCbCr", (ImageOps.equalize(y), cb, cr)).convert("RGB")

@@ -253,6 +253,10 @@ def resolve_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "detector" in argv and argv[argv.index("detector") - 1] == "--model" or "--model=detector" in argv:
+        from training.train_detector import main as train_detector  # its own loop, data and metrics
+        return train_detector(argv)
     args = get_args_parser().parse_args(argv)
     resolve_args(args)
     rank, world, device = setup_distributed(args.device)

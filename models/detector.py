@@ -1,0 +1,168 @@
+"""The street-scene detector: a heat-map network that finds sign centres and sizes in whole frames.
+
+It answers *where* the signs are and which of the four GTSDB shape/colour groups each belongs to;
+the 43-way classifiers then name every box from a crop (`crop_box`), as they were trained to.
+
+Design (CenterNet, Zhou et al. 2019, shrunk for 2 CPU cores):
+- a plain conv-BN-ReLU encoder to stride 32 (a 128 px sign needs a unit that sees all of it) with a
+  top-down path back to stride 4 (a 17 px sign still covers 4x4 output cells);
+- per output cell: one heat-map channel per group (is a sign centred here?), the box's log width and
+  height, and the centre's sub-cell offset. No anchors, no NMS needed beyond a 3x3 peak test.
+- fully convolutional: any frame size works; the input is padded to a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The benchmark's shape/colour groups (GTSDB README); class ids are GTSRB's.
+GROUPS: tuple[str, ...] = ("prohibitory", "danger", "mandatory", "other")
+_GROUP_IDS = {
+    0: (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 15, 16),
+    1: (11, *range(18, 32)),
+    2: tuple(range(33, 41)),
+}
+STRIDE = 4  # output cell size in input pixels
+PAD_MULTIPLE = 32  # the encoder halves the side five times
+
+
+def group_of(class_id: int) -> int:
+    """GTSRB class id -> detector group index."""
+    for group, ids in _GROUP_IDS.items():
+        if class_id in ids:
+            return group
+    return 3
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class SignDetector(nn.Module):
+    """Frames [N, 3, H, W] (H, W multiples of 32, normalised) -> (heat logits [N, G, H/4, W/4],
+    log size [N, 2, H/4, W/4] in output cells, centre offset [N, 2, H/4, W/4] in cells)."""
+
+    def __init__(self, num_groups: int = len(GROUPS), widths: tuple[int, ...] = (16, 24, 48, 96, 128),
+                 head_width: int = 24):
+        super().__init__()
+        w2, w4, w8, w16, w32 = widths
+        # One conv per stage at strides 2 and 4, where a frame has the most positions (the cost),
+        # two at the coarser strides, where the context that tells a sign from a red light is built.
+        self.stem = _conv(3, w2, 2)                                  # stride 2
+        self.s4 = _conv(w2, w4, 2)                                   # stride 4
+        self.s8 = nn.Sequential(_conv(w4, w8, 2), _conv(w8, w8))     # stride 8
+        self.s16 = nn.Sequential(_conv(w8, w16, 2), _conv(w16, w16))  # stride 16
+        self.s32 = nn.Sequential(_conv(w16, w32, 2), _conv(w32, w32))  # stride 32
+        # top-down: 1x1 laterals to one width, upsample and add (FPN), then one 3x3 to mix
+        self.lateral = nn.ModuleList(nn.Conv2d(c, head_width, 1) for c in (w4, w8, w16, w32))
+        self.fuse = _conv(head_width, head_width)
+        self.heat = nn.Conv2d(head_width, num_groups, 1)
+        self.size = nn.Conv2d(head_width, 2, 1)
+        self.offset = nn.Conv2d(head_width, 2, 1)
+        self.reset_heads()
+
+    def reset_heads(self) -> None:
+        """Small head weights and a 1 % heat prior: the focal loss otherwise spends its first steps
+        pushing ~all cells of a frame (background) down from 0.5 (CenterNet's trick)."""
+        for head in (self.heat, self.size, self.offset):
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+        nn.init.constant_(self.heat.bias, -math.log(99.0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f4 = self.s4(self.stem(x))
+        f8 = self.s8(f4)
+        f16 = self.s16(f8)
+        f32 = self.s32(f16)
+        y = self.lateral[3](f32)
+        for lateral, f in ((self.lateral[2], f16), (self.lateral[1], f8), (self.lateral[0], f4)):
+            y = lateral(f) + F.interpolate(y, size=f.shape[-2:], mode="nearest")
+        y = self.fuse(y)
+        return self.heat(y), self.size(y), self.offset(y)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Zero-pad [N, C, H, W] at the bottom and right so H and W are multiples of `multiple`."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the network input's pixels
+    score: float
+    group: int
+
+
+def decode(heat: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, *, min_score: float,
+           max_detections: int = 100, nms_iou: float = 0.5) -> list[list[Detection]]:
+    """Network outputs (heat as logits) -> per image, detections by falling score.
+
+    A detection is a local maximum of a group's heat map (3x3 peak test). Two groups may both peak
+    on one sign; a class-agnostic NMS keeps the stronger.
+    """
+    from torchvision.ops import nms
+
+    prob = heat.sigmoid()
+    peaks = prob * (prob == F.max_pool2d(prob, 3, stride=1, padding=1))
+    n, groups, h, w = prob.shape
+    k = min(max_detections, groups * h * w)
+    scores, flat = peaks.reshape(n, -1).topk(k)
+    results: list[list[Detection]] = []
+    for i in range(n):
+        keep = scores[i] >= min_score
+        s, idx = scores[i][keep], flat[i][keep]
+        g, cell = idx // (h * w), idx % (h * w)
+        cy, cx = cell // w, cell % w
+        ox, oy = offset[i, 0, cy, cx], offset[i, 1, cy, cx]
+        bw, bh = size[i, 0, cy, cx].exp() * STRIDE, size[i, 1, cy, cx].exp() * STRIDE
+        x = (cx.float() + ox) * STRIDE
+        y = (cy.float() + oy) * STRIDE
+        boxes = torch.stack([x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2], dim=1)
+        order = nms(boxes, s, nms_iou) if len(s) else torch.zeros(0, dtype=torch.long)
+        results.append([Detection(tuple(boxes[j].tolist()), float(s[j]), int(g[j])) for j in order.tolist()])
+    return results
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes in continuous pixel coordinates."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# A classifier is shown the box widened by this share of its side on every side: GTSRB's crops
+# hold the sign with a ~10 % margin, so the classifiers learned signs framed that way.
+CLASSIFIER_MARGIN = 0.1
+
+
+def crop_box(box: tuple[float, float, float, float], width: int, height: int,
+             margin: float = CLASSIFIER_MARGIN) -> tuple[int, int, int, int]:
+    """The integer (left, top, right, bottom) region a classifier sees for `box`, clipped to the image."""
+    x1, y1, x2, y2 = box
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    left, top = max(0, math.floor(x1 - mx)), max(0, math.floor(y1 - my))
+    right, bottom = min(width, math.ceil(x2 + mx)), min(height, math.ceil(y2 + my))
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+@torch.inference_mode()
+def detect(model: nn.Module, images: torch.Tensor, pre, *, min_score: float,
+           max_detections: int = 100) -> list[list[Detection]]:
+    """uint8 frames [N, 3, H, W] (already resized by `pre`) -> detections in those frames' pixels."""
+    from models.preprocessing import normalize
+
+    x = pad_to_multiple(normalize(images, pre)).contiguous(memory_format=torch.channels_last)
+    heat, size, offset = model(x)
+    return decode(heat.float(), size.float(), offset.float(), min_score=min_score, max_detections=max_detections)
