@@ -166,3 +166,13 @@ def detect(model: nn.Module, images: torch.Tensor, pre, *, min_score: float,
     x = pad_to_multiple(normalize(images, pre)).contiguous(memory_format=torch.channels_last)
     heat, size, offset = model(x)
     return decode(heat.float(), size.float(), offset.float(), min_score=min_score, max_detections=max_detections)
+
+
+def classifier_crops(image, boxes: list[tuple[float, float, float, float]], pre) -> torch.Tensor:
+    """The regions a classifier names, uint8 [K, 3, S, S] with its preprocessing: each box widened
+    by CLASSIFIER_MARGIN, cut from the full-resolution image (PIL, EXIF orientation applied)."""
+    from models.preprocessing import image_to_uint8
+
+    if not boxes:
+        return torch.zeros(0, 3, pre.input_size, pre.input_size, dtype=torch.uint8)
+    return torch.stack([image_to_uint8(image.crop(crop_box(b, image.width, image.height)), pre) for b in boxes])

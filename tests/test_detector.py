@@ -1,0 +1,142 @@
+"""The detector's parts: network shapes, target drawing, decoding, matching and AP, box mapping,
+and a short training run with stop/resume and evaluation on real GTSDB frames."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models.checkpoint import load_checkpoint
+from models.detector import (GROUPS, STRIDE, SignDetector, box_iou, classifier_crops, crop_box, decode,
+                             group_of, pad_to_multiple)
+from models.preprocessing import Preprocessing, image_to_uint8
+from models.scene import to_image_boxes
+from training.data import default_data_root
+from training.detection_data import make_targets
+from training.detection_metrics import average_precision, detection_summary, match
+from training.gtsdb import VAL_FRAMES, frame_number, read_ground_truth, split_frames
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_groups_follow_the_benchmark():
+    assert [group_of(c) for c in (0, 5, 16)] == [0, 0, 0]  # prohibitory: speed limits, 3.5 t
+    assert [group_of(c) for c in (11, 18, 31)] == [1, 1, 1]  # danger: triangles
+    assert [group_of(c) for c in (33, 38, 40)] == [2, 2, 2]  # mandatory: blue rounds
+    assert [group_of(c) for c in (6, 12, 13, 14, 17, 32, 41, 42)] == [3] * 8  # the rest
+    assert len(GROUPS) == 4
+
+
+def test_network_is_fully_convolutional_at_stride_4():
+    model = SignDetector().eval()
+    x = pad_to_multiple(torch.zeros(2, 3, 100, 170))
+    assert x.shape[-2:] == (128, 192)
+    heat, size, offset = model(x)
+    assert heat.shape == (2, 4, 32, 48) and size.shape == offset.shape == (2, 2, 32, 48)
+    # the heat map starts at the 1 % prior, so a fresh network finds nothing
+    assert heat.sigmoid().max() < 0.05
+
+
+def test_targets_put_one_peak_per_sign_with_its_size_and_offset():
+    t = make_targets([(10.0, 20.0, 42.0, 44.0)], [1], 4, 64, 64)
+    centre = (26 / STRIDE, 32 / STRIDE)  # (6.5, 8.0) in cells
+    iy, ix = int(centre[1]), int(centre[0])
+    assert t["heat"][1, iy, ix] == 1 and t["heat"][1].sum() > 1  # a Gaussian around the peak
+    assert t["heat"][[0, 2, 3]].sum() == 0 and t["mask"].sum() == 1
+    assert t["size"][:, iy, ix].exp().mul(STRIDE).tolist() == pytest.approx([32.0, 24.0])
+    assert t["offset"][:, iy, ix].tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_decoding_targets_gives_back_the_boxes():
+    boxes = [(10.0, 20.0, 42.0, 44.0), (80.0, 8.0, 120.0, 50.0)]
+    t = make_targets(boxes, [1, 3], 4, 128, 128)
+    logit = torch.logit(t["heat"].clamp(1e-6, 1 - 1e-6)).unsqueeze(0)
+    [found] = decode(logit, t["size"].unsqueeze(0), t["offset"].unsqueeze(0), min_score=0.5)
+    assert sorted((d.group, tuple(round(v, 3) for v in d.box)) for d in found) == [(1, boxes[0]), (3, boxes[1])]
+
+
+def test_matching_takes_predictions_by_score_and_each_sign_once():
+    truths = [(0, 0, 10, 10), (20, 0, 30, 10)]
+    predictions = [((0, 0, 10, 10), 0.9), ((0, 0, 10, 11), 0.8), ((50, 50, 60, 60), 0.7), ((20, 0, 30, 10), 0.6)]
+    assert match(predictions, truths) == [0, None, None, 1]
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+
+
+def test_average_precision_and_summary():
+    assert average_precision([(0.9, True), (0.8, True)], 2) == pytest.approx(1.0)
+    # hit, miss, hit over 2 signs: recall 0.5 at precision 1, recall 1 at precision 2/3
+    assert average_precision([(0.9, True), (0.8, False), (0.7, True)], 2) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    frames = [([((0, 0, 10, 10), 0.9), ((40, 40, 50, 50), 0.2)], [(0, 0, 10, 10), (20, 20, 30, 30)])]
+    s = detection_summary(frames, 0.5)
+    assert (s["precision"], s["recall"], s["signs"], s["frames"]) == (1.0, 0.5, 2, 1)
+
+
+def test_boxes_map_back_to_the_uploaded_image_and_crops_keep_a_margin():
+    pre = Preprocessing(input_size=1360, resize="fit")
+    assert pre.target_size(4000, 3000) == (1360, 1020) and pre.target_size(1360, 800) == (1360, 800)
+    assert pre.target_size(600, 400) == (600, 400)  # never enlarged
+    [box] = to_image_boxes([(100, 50, 200, 150)], (4000, 3000), (1360, 1020))
+    assert box == pytest.approx((100 * 4000 / 1360, 50 * 3000 / 1020, 200 * 4000 / 1360, 150 * 3000 / 1020))
+    assert crop_box((100, 100, 150, 150), 1000, 1000) == (95, 95, 155, 155)
+    assert crop_box((0, 0, 20, 20), 15, 15) == (0, 0, 15, 15)  # clipped to the image
+    image = Image.new("RGB", (300, 200), (10, 20, 30))
+    crops = classifier_crops(image, [(10, 10, 50, 50), (100, 20, 190, 90)], Preprocessing(input_size=32))
+    assert crops.shape == (2, 3, 32, 32) and crops.dtype == torch.uint8
+
+
+def test_fit_preprocessing_keeps_the_aspect_ratio():
+    frame = image_to_uint8(Image.new("RGB", (2720, 1600)), Preprocessing(input_size=1360, resize="fit"))
+    assert frame.shape == (3, 800, 1360)
+
+
+def test_gtsdb_ground_truth_and_validation_block():
+    frames = read_ground_truth(default_data_root())
+    assert len(frames) == 600 and sum(len(f.signs) for f in frames) == 852
+    val = split_frames(frames, "val")
+    assert [frame_number(f.name) for f in val] == list(VAL_FRAMES)
+    assert not {f.name for f in val} & {f.name for f in split_frames(frames, "train")}
+    first = next(f for f in frames if f.name == "00000.jpg")
+    assert first.signs[0].box == (774.0, 411.0, 816.0, 447.0) and first.signs[0].class_id == 11
+
+
+SMALL = ["--crops-per-epoch", "32", "--batch-size", "16", "--max-train-frames", "20", "--max-val-frames", "4",
+         "--paste-signs", "100"]
+
+
+def train_detector(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.train", "--model", "detector", "--data-root",
+                           default_data_root(), *SMALL, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path):
+    out = tmp_path / "detector.pt"
+    first = train_detector("--epochs", "2", "--output", str(out), "--stop-after-epochs", "1")
+    assert first.returncode == 99, first.stderr  # stopped as if preempted, resumable
+    resumed = train_detector("--epochs", "2", "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    rows = list(csv.DictReader(open(tmp_path / "detector.metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) >= {"train_loss", "val_precision", "val_recall", "val_map50"}
+    log = (tmp_path / "detector.log").read_text()
+    assert log.count("\nepoch ") + log.startswith("epoch ") == 2
+    loaded = load_checkpoint(out)
+    assert loaded.architecture == "detector" and loaded.class_names == list(GROUPS)
+    assert loaded.preprocessing.resize == "fit" and len(loaded.metrics) == 2
+    assert 0 < loaded.inference["score_threshold"] < 1
+
+    report = subprocess.run([sys.executable, "-m", "training.evaluate_detection", "--checkpoint", str(out),
+                             "--classifier", str(ROOT / "models" / "checkpoints" / "cnn.pt"),
+                             "--data-root", default_data_root(), "--frames", "val", "--min-score", "0.5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+    result = json.loads(report.stdout.strip().splitlines()[-1])
+    assert result["frames"] == 100 and result["signs"] == 71
+    assert {"precision", "recall", "map50", "end_to_end"} <= set(result)
+    assert "group danger" in report.stdout and "width 0-24 px" in report.stdout

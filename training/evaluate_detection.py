@@ -1,0 +1,93 @@
+"""Evaluate the detector and a naming classifier on GTSDB frames.
+
+    python -m training.evaluate_detection --checkpoint models/checkpoints/detector.pt \
+        --data-root ../shared/data --frames val
+
+`--data-root` is a folder holding gtsdb/ (gt.txt and images/). On the training frames shipped with
+the project use `--frames val` (00500-00599, never trained on); on a folder of other frames (e.g.
+the benchmark's test frames) the default `all` takes every frame. A prediction is right when it
+overlaps an unmatched true sign with IoU >= 0.5 (predictions by falling score, each sign matched at
+most once); `end_to_end` counts signs both found and named with the right one of 43 classes.
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from models.checkpoint import load_checkpoint
+from models.detector import GROUPS, group_of
+from models.scene import find_signs
+from training.data import PROJECT_ROOT, default_data_root
+from training.detection_metrics import detection_summary, match
+from training.gtsdb import read_ground_truth, split_frames
+
+SIZE_BUCKETS = ((0, 24), (24, 48), (48, 10_000))  # sign width in pixels
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(PROJECT_ROOT / "models" / "checkpoints" / "detector.pt"))
+    p.add_argument("--classifier", default=str(PROJECT_ROOT / "models" / "checkpoints" / "resnet18.pt"),
+                   help="the checkpoint that names each box")
+    p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsdb/ (env GTSRB_ROOT)")
+    p.add_argument("--frames", default="all", choices=["all", "val", "train"])
+    p.add_argument("--min-score", type=float, default=None, help="default: the checkpoint's score_threshold")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    detector = load_checkpoint(args.checkpoint)
+    classifier = load_checkpoint(args.classifier)
+    min_score = args.min_score if args.min_score is not None else detector.inference.get("score_threshold", 0.3)
+    frames = split_frames(read_ground_truth(args.data_root), args.frames)
+    folder = Path(args.data_root) / "gtsdb" / "images"
+
+    pooled, named, seconds = [], 0, []
+    low_threshold = []  # every detection down to 0.05, for AP
+    per_sign: list[tuple[int, float, bool]] = []  # (group, width, found) of each true sign
+    for frame in frames:
+        with Image.open(folder / frame.name) as image:
+            started = time.perf_counter()
+            found = find_signs(image, detector, classifier, min_score=min(0.05, min_score))
+            seconds.append(time.perf_counter() - started)
+        truths = [s.box for s in frame.signs]
+        low_threshold.append(([(f.box, f.score) for f in found], truths))
+        kept = [f for f in found if f.score >= min_score]
+        hits = match([(f.box, f.score) for f in kept], truths)
+        matched = {j: f for f, j in zip(kept, hits) if j is not None}
+        named += sum(1 for j, f in matched.items() if f.class_id == frame.signs[j].class_id)
+        per_sign += [(group_of(s.class_id), s.box[2] - s.box[0], j in matched) for j, s in enumerate(frame.signs)]
+        pooled.append(kept)
+
+    summary = detection_summary(low_threshold, min_score)
+    signs = summary["signs"]
+    print(f"detector {args.checkpoint} (score >= {min_score:.2f}), named by {classifier.name}; "
+          f"{len(frames)} frames, {signs} signs")
+    print(f"{'signs':<24}{'count':>7}{'found':>7}{'recall':>9}")
+    rows = [(f"group {name}", [s for s in per_sign if s[0] == g]) for g, name in enumerate(GROUPS)]
+    rows += [(f"width {lo}-{hi if hi < 10_000 else 'max'} px", [s for s in per_sign if lo <= s[1] < hi])
+             for lo, hi in SIZE_BUCKETS]
+    for label, subset in rows:
+        found = sum(s[2] for s in subset)
+        print(f"{label:<24}{len(subset):>7}{found:>7}{found / max(1, len(subset)):>9.3f}")
+    result = {"precision": summary["precision"], "recall": summary["recall"], "map50": summary["map50"],
+              "end_to_end": named / signs if signs else 0.0, "frames": len(frames), "signs": signs,
+              "min_score": min_score, "classifier": classifier.name,
+              "seconds_per_frame_median": sorted(seconds)[len(seconds) // 2] if seconds else 0.0}
+    print(f"precision {result['precision']:.4f} recall {result['recall']:.4f} AP@0.5 {result['map50']:.4f} "
+          f"end-to-end {result['end_to_end']:.4f} ({named}/{signs} found and named right); "
+          f"median {1000 * result['seconds_per_frame_median']:.0f} ms per frame in-process")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
