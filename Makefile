@@ -11,7 +11,7 @@ MODEL  ?= cnn
 EPOCHS ?= 20
 ARGS   ?=
 
-.PHONY: setup test serve train evaluate bench clean
+.PHONY: setup test serve train evaluate bench container-up container-down clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,14 @@ evaluate: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# docker/compose.yaml on $(HOST):$(PORT) with Docker, or podman where there is no Docker daemon
+# (docker/container.sh: builds the image, starts the api service, waits for its healthcheck).
+container-up:
+	SIGNSERVE_BIND=$(HOST) SIGNSERVE_PORT=$(PORT) bash docker/container.sh up
+
+container-down:
+	bash docker/container.sh down
 
 clean:
 	rm -rf .cache .pytest_cache logs artifacts

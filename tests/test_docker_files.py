@@ -75,10 +75,14 @@ def test_cpu_torch_on_a_slim_base_by_default_and_a_cuda_base_by_build_argument()
     assert re.fullmatch(r"python:3\.1\d-slim(-\w+)?", args["BASE_IMAGE"])
     froms = [stage[0][1] for stage in dockerfile_stages()[1:]]
     assert froms[0] == "${BASE_IMAGE} AS base"
-    build = next(stage for stage in dockerfile_stages()[1:] if stage[0][1].endswith("AS build"))
-    torch_index = dict(rest.split("=", 1) for word, rest in build if word == "ARG")["TORCH_INDEX"]
-    assert torch_index.endswith("/whl/cpu")
-    assert any(word == "RUN" and '--index-url "$TORCH_INDEX"' in rest for word, rest in build)
+    runtime = dockerfile_stages()[-1]
+    build_args = dict(rest.split("=", 1) for word, rest in runtime if word == "ARG")
+    assert build_args["TORCH_INDEX"].endswith("/whl/cpu")
+    [torch_install] = [rest for word, rest in runtime if word == "RUN" and '"$TORCH_INDEX"' in rest]
+    # an empty TORCH_INDEX falls back to pip's own indexes (a local mirror where PyTorch's is unreachable)
+    assert '[ -n "$TORCH_INDEX" ]' in torch_install and '--index-url "$TORCH_INDEX"' in torch_install
+    # a local wheel mirror can be handed in; empty by default (pip ignores empty settings)
+    assert {build_args[k] for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT")} == {'""'}
     # compose's gpu service builds the CUDA variant through the same two arguments
     gpu_args = yaml.safe_load(COMPOSE.read_text())["services"]["api-gpu"]["build"]["args"]
     assert gpu_args["BASE_IMAGE"].startswith("nvidia/cuda:") and "/whl/cu" in gpu_args["TORCH_INDEX"]
@@ -210,22 +214,47 @@ def test_gpu_profile_reserves_an_nvidia_device(services):
     assert gpu["volumes"] == services["api"]["volumes"] and gpu["healthcheck"] == services["api"]["healthcheck"]
 
 
-def test_docker_compose_validates_the_file(tmp_path):
+def test_docker_compose_validates_the_file():
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("docker-compose not installed (Debian package docker-compose; .ci/system-packages.sh has it)")
-    # docker-compose 1.29 predates the top-level `name`; everything else is checked against its schema.
-    data = yaml.safe_load(COMPOSE.read_text())
-    assert data.pop("name") == "signserve"
-    copy = tmp_path / "compose.yaml"
-    copy.write_text(yaml.safe_dump(data))
+    # docker-compose 1.29 (Debian's) rejects a top-level `name`: the file has none, docker/container.sh passes -p.
+    assert "name" not in yaml.safe_load(COMPOSE.read_text())
     env = {**os.environ, "SIGNSERVE_PORT": "8000-8003"}
-    result = subprocess.run([compose, "-f", str(copy), "--project-directory", str(COMPOSE.parent), "config"],
+    result = subprocess.run([compose, "-p", "signserve", "-f", str(COMPOSE), "config"],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)["services"]
     assert resolved["api"]["ports"] == ["127.0.0.1:8000-8003:8000/tcp"]
     assert resolved["api"]["volumes"][0]["source"] == str(ROOT / "models" / "checkpoints")
+
+
+# ---------------------------------------------------------------- docker/container.sh
+
+
+def test_container_script_passes_pip_settings_and_mounts_their_local_folders(tmp_path):
+    """podman builds get the host's pip index, find-links and CA bundle (here from the environment, which
+    overrides every pip.conf), and read-only mounts of what they name on this machine."""
+    (tmp_path / "mirror" / "simple").mkdir(parents=True)
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "ca.pem").write_text("")
+    env = {**os.environ, "PIP_INDEX_URL": f"file://{tmp_path}/mirror/simple",
+           "PIP_EXTRA_INDEX_URL": f"https://pypi.example.org/simple file://{tmp_path}/missing/simple",
+           "PIP_FIND_LINKS": str(tmp_path / "wheels"), "PIP_CERT": str(tmp_path / "ca.pem")}
+    result = subprocess.run(["bash", str(ROOT / "docker" / "container.sh"), "pip-build-args"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.splitlines()
+    options = {(words[i], words[i + 1]) for i in range(0, len(words), 2)}
+    assert options == {
+        ("--build-arg", f"PIP_INDEX_URL=file://{tmp_path}/mirror/simple"),
+        ("--volume", f"{tmp_path}/mirror:{tmp_path}/mirror:ro"),  # the index links to ../../files/
+        ("--build-arg", f"PIP_EXTRA_INDEX_URL=https://pypi.example.org/simple file://{tmp_path}/missing/simple"),
+        ("--build-arg", f"PIP_FIND_LINKS={tmp_path}/wheels"),
+        ("--volume", f"{tmp_path}/wheels:{tmp_path}/wheels:ro"),
+        ("--build-arg", f"PIP_CERT={tmp_path}/ca.pem"),
+        ("--volume", f"{tmp_path}/ca.pem:{tmp_path}/ca.pem:ro"),
+    }
 
 
 # ---------------------------------------------------------------- the healthcheck, live
