@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from bench.harness import free_port
+from conftest import start_server
 from helpers import files
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -43,10 +44,6 @@ class Stack:
         if check:
             assert result.returncode == 0, f"container.sh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
         return result
-
-    def exec(self, *command: str) -> subprocess.CompletedProcess:
-        """`command` in the api container, as the image's user, without a terminal."""
-        return self.run("compose", "exec", "-T", "api", *command, check=False)
 
     def container_id(self) -> str:
         return self.run("compose", "ps", "-q", "api").stdout.strip()
@@ -97,10 +94,17 @@ def predict(url: str, image: bytes, model: str) -> dict:
     return response.json()
 
 
-def test_the_healthy_container_answers_like_the_service_on_the_host(stack, client, sign_png, sign_image):
+def test_the_healthy_container_answers_like_the_service_on_the_host(stack, sign_png, sign_image, tmp_path):
     assert stack.run("health").stdout.strip() == "healthy"
     in_container = predict(stack.url, sign_png, "cnn")
-    on_host = client.post("/v1/predict", params={"model": "cnn"}, files=files(("sign.png", sign_png))).json()
+    # `make serve` on the host (python -m app), serving the same checkpoint file
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy2(stack.checkpoints / "cnn.pt", tmp_path / "checkpoints" / "cnn.pt")
+    host = start_server(tmp_path / "checkpoints", tmp_path / "host.log")
+    try:
+        on_host = predict(host.url, sign_png, "cnn")
+    finally:
+        host.stop()
     assert in_container["model"] == "cnn"
     [mine], [theirs] = in_container["results"], on_host["results"]
     assert mine["predictions"][0]["class_id"] == sign_image[1]  # a real GTSRB test image, classified right
@@ -109,18 +113,29 @@ def test_the_healthy_container_answers_like_the_service_on_the_host(stack, clien
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
 
 
+READ_ONLY_PROBE = r"""
+id -u
+grep -E '^(Uid|Gid):' /proc/1/status
+tr '\0' ' ' < /proc/1/cmdline; echo
+for dir in /app /opt/venv /etc; do echo x 2>&1 > "$dir/written-by-test" || true; done
+echo x > /tmp/scratch && cat /tmp/scratch
+"""
+
+
 def test_the_service_runs_unprivileged_on_a_read_only_root(stack):
-    ids = stack.exec("sh", "-c", "id -u; grep -E '^(Uid|Gid):' /proc/1/status")
-    assert ids.returncode == 0, ids.stderr
-    lines = ids.stdout.split("\n")
-    assert lines[0] == str(SERVICE_USER)
+    container = stack.container_id()
+    inspect = "{{.HostConfig.ReadonlyRootfs}} {{.Config.User}}"
+    assert stack.run("engine", "inspect", "--format", inspect, container).stdout.split() == ["true", "10001:10001"]
+    probe = stack.run("engine", "exec", container, "sh", "-c", READ_ONLY_PROBE)  # as the image's user
+    lines = (probe.stdout + probe.stderr).splitlines()
+    assert lines[0] == str(SERVICE_USER), probe
     for line in lines[1:3]:  # pid 1 is the server itself: real, effective, saved and fs ids all unprivileged
-        assert line.split()[1:] == [str(SERVICE_USER)] * 4, ids.stdout
-    assert "python -m app" in stack.exec("cat", "/proc/1/cmdline").stdout.replace("\0", " ")
-    for path in ("/app/written-by-test", "/opt/venv/written-by-test", "/etc/written-by-test"):
-        denied = stack.exec("sh", "-c", f"echo x > {path}")
-        assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (path, denied.stderr)
-    assert stack.exec("sh", "-c", "echo x > /tmp/scratch && cat /tmp/scratch").stdout == "x\n"  # the tmpfs
+        assert line.split()[1:] == [str(SERVICE_USER)] * 4, lines
+    assert lines[3].strip() == "python -m app"
+    for directory in ("/app", "/opt/venv", "/etc"):
+        [error] = [line for line in lines if f"{directory}/written-by-test" in line]
+        assert "Read-only file system" in error, lines
+    assert "x" in lines  # /tmp is a writable tmpfs
 
 
 def test_a_restart_serves_a_checkpoint_added_on_the_host(stack, checkpoint_snapshot, sign_png, sign_image):
