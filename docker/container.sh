@@ -63,6 +63,7 @@ start_podman_service() {
   export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/docker/containers.conf}
   RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/signserve-podman.XXXXXX")
   trap stop_podman_service EXIT
+  trap 'exit 143' TERM INT  # so that the EXIT trap runs
   podman system service --time=0 "unix://$RUN_DIR/podman.sock" >"$RUN_DIR/service.log" 2>&1 &
   SERVICE_PID=$!
   export DOCKER_HOST="unix://$RUN_DIR/podman.sock"

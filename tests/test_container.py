@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -39,8 +40,16 @@ class Stack:
     env: dict[str, str]
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["bash", str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
+        # its own process group, so that a timeout also ends the engine commands it started (a build)
+        process = subprocess.Popen(["bash", str(SCRIPT), *args], env=self.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"container.sh {' '.join(args)}: no answer in {timeout} s:\n{stdout}\n{stderr}")
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
         if check:
             assert result.returncode == 0, f"container.sh {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
         return result
