@@ -1,31 +1,46 @@
-"""Uploaded bytes -> the model's uint8 input, refusing what is not a sane image.
+"""Uploaded bytes -> decoded images, refusing what is not a sane image or would cost too much to decode.
 
-Decoding happens in two steps so the caller can decide where the expensive one runs:
-`open_image` reads only the header (cheap, checks format and declared size), `to_input` decodes
-the pixels and applies the shared preprocessing (EXIF orientation, RGB, resize).
+Decoding happens in steps so the caller can check the cost, and decide where the expensive step runs:
+
+1. `open_image` reads only the header: the format and the declared size (refused above `max_pixels`).
+2. A decoder's `reduce` asks the codec for a smaller image where the format allows it (JPEG decodes
+   at 1/2, 1/4 or 1/8 scale for almost nothing); still no pixel is decoded. `decoded_pixels` then
+   tells exactly how many pixels decoding will materialise: the figure the pixel budget counts
+   (app.decoding).
+3. A decoder's `load` decodes, applies the EXIF orientation and produces what its model takes.
+
+Two decoders: `InputDecoder` (a classifier's fixed-size uint8 input, the shared preprocessing of
+models.preprocessing) and `SceneDecoder` (a whole photo, reduced to a long side, for a detector).
+`decode_image` is the scene path in one synchronous call.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from models.preprocessing import Preprocessing, image_to_uint8
+
+# Declared width x height above which an image is refused unread: a 48-50 Mpx phone photo passes.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 # Images up to this many pixels decode in well under a millisecond: not worth a thread hop.
 INLINE_DECODE_PIXELS = 256 * 256
 
-# JPEG can decode at 1/2, 1/4 or 1/8 scale for almost nothing; we let it, but only down to this
-# multiple of the model input, so the final anti-aliased resize still does the real downscaling
+# A classifier input is reduced on decode (JPEG draft, integer box reduction) only down to this
+# multiple of its side, so the final anti-aliased resize still does the real downscaling
 # (GTSRB-sized images are never affected).
 JPEG_DRAFT_FACTOR = 8
 
+T = TypeVar("T")
+
 
 class ImageRejected(ValueError):
-    """The upload is not an image we can classify; `status_code` is the HTTP status to answer with."""
+    """The upload is not an image we can decode; `status_code` is the HTTP status to answer with."""
 
     def __init__(self, status_code: int, detail: str) -> None:
         super().__init__(detail)
@@ -45,7 +60,7 @@ def _unreadable(name: str, exc: BaseException, problem: str) -> ImageRejected:
     return ImageRejected(422, f"image {name!r} {problem}: {reason}")
 
 
-def open_image(data: bytes | bytearray, name: str, max_pixels: int) -> Image.Image:
+def open_image(data: bytes | bytearray, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Identify the image and check its declared size; the pixels are not decoded yet."""
     if not data:
         raise ImageRejected(422, f"file {name!r} is empty")
@@ -69,26 +84,170 @@ def open_image(data: bytes | bytearray, name: str, max_pixels: int) -> Image.Ima
     return image
 
 
+def decoded_pixels(image: Image.Image) -> int:
+    """Pixels that decoding `image` will materialise (after any reduction `reduce` asked for)."""
+    return image.width * image.height
+
+
 def decodes_inline(image: Image.Image) -> bool:
-    return image.width * image.height <= INLINE_DECODE_PIXELS
+    return decoded_pixels(image) <= INLINE_DECODE_PIXELS
 
 
-def to_input(image: Image.Image, name: str, pre: Preprocessing) -> torch.Tensor:
-    """Decode the first frame and preprocess it: uint8 [3, S, S]."""
+def draft_to(image: Image.Image, min_width: int, min_height: int) -> None:
+    """Let a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it at least
+    min_width x min_height; header-only, a no-op for other formats."""
+    if image.format == "JPEG" and image.width >= 2 * min_width and image.height >= 2 * min_height:
+        image.draft("RGB", (min_width, min_height))
+
+
+def _load(image: Image.Image, name: str) -> None:
     try:
-        target = pre.input_size * JPEG_DRAFT_FACTOR
-        if image.format == "JPEG" and min(image.size) >= 2 * target:
-            image.draft("RGB", (target, target))
         image.load()
     except Exception as exc:
         raise _unreadable(name, exc, "could not be decoded") from None
+
+
+def _shrink(image: Image.Image, factor: int) -> Image.Image:
+    """Integer box reduction of a decoded image (cheap, and every later step then works on the small
+    image); modes Pillow cannot reduce (palette, bilevel) are returned as they are."""
+    if factor < 2:
+        return image
     try:
-        return image_to_uint8(image, pre)
-    except Exception as exc:
-        raise ImageRejected(422, f"image {name!r} ({image.mode} mode) could not be converted to RGB: "
-                                 f"{_first_line(exc)}") from None
-    finally:
-        image.close()
+        return image.reduce(factor)
+    except (ValueError, NotImplementedError):
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette images may carry transparency; go through RGBA
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class Decoder(Protocol[T]):
+    """What a model kind needs from an upload: `reduce` (header-only) then `load` (decodes)."""
+
+    def reduce(self, image: Image.Image) -> None: ...
+
+    def load(self, image: Image.Image, name: str, declared_size: tuple[int, int]) -> T:
+        """Decode `image` (which `reduce` saw); `declared_size` is its header's size before any reduction."""
+
+
+class InputDecoder:
+    """A classifier's input: uint8 [3, S, S] through the shared preprocessing (models.preprocessing)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.pre = pre
+        self.keep = pre.input_size * JPEG_DRAFT_FACTOR  # reduce on decode no further than this
+
+    def reduce(self, image: Image.Image) -> None:
+        draft_to(image, self.keep, self.keep)
+
+    def load(self, image: Image.Image, name: str, declared_size: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        _load(image, name)
+        try:
+            small = _shrink(image, min(image.size) // self.keep)
+            return image_to_uint8(small, self.pre)
+        except Exception as exc:
+            raise ImageRejected(422, f"image {name!r} ({image.mode} mode) could not be converted to RGB: "
+                                     f"{_first_line(exc)}") from None
+        finally:
+            image.close()
+
+
+class DecodedImage(NamedTuple):
+    """A decoded upload. `image` is RGB, upright (EXIF orientation applied), its long side at most the
+    `max_side` asked for; `original_size` is the uploaded image's (width, height), upright too;
+    `scale` is (sx, sy), what a coordinate in `image` is multiplied by to land in the upload's pixels."""
+
+    image: Image.Image
+    original_size: tuple[int, int]
+    scale: tuple[float, float]
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        """A point (pixel edges: 0..width) of `image` in the uploaded image's pixels."""
+        return x * self.scale[0], y * self.scale[1]
+
+
+def scene_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled so the long side is at most `max_side`, aspect ratio kept (never enlarged)."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    ratio = max_side / max(width, height)
+    return max(1, round(width * ratio)), max(1, round(height * ratio))
+
+
+class SceneDecoder:
+    """A whole photo for a model that looks at the scene (a detector): RGB, upright, long side at most
+    `max_side` (None: full size). JPEGs are reduced while decoded (DCT scaling, no more than keeps the
+    long side >= max_side), anything else after decoding, by an integer box filter then an
+    anti-aliased bilinear resize to the exact size."""
+
+    def __init__(self, max_side: int | None) -> None:
+        if max_side is not None and max_side < 1:
+            raise ValueError("max_side must be >= 1 or None")
+        self.max_side = max_side
+
+    def reduce(self, image: Image.Image) -> None:
+        if self.max_side is not None:
+            draft_to(image, *scene_size(*image.size, self.max_side))
+
+    def load(self, image: Image.Image, name: str, declared_size: tuple[int, int]) -> DecodedImage:
+        _load(image, name)
+        try:
+            oriented = ImageOps.exif_transpose(image) if _needs_transpose(image) else image
+            swapped = oriented.size != image.size
+            original = (declared_size[1], declared_size[0]) if swapped else declared_size
+            target = scene_size(*original, self.max_side)
+            small = _shrink(oriented, min(oriented.width // target[0], oriented.height // target[1]))
+            rgb = _to_rgb(small)
+            if rgb.size != target:
+                rgb = rgb.resize(target, Image.Resampling.BILINEAR)
+        except Exception as exc:
+            raise ImageRejected(422, f"image {name!r} ({image.mode} mode) could not be converted to RGB: "
+                                     f"{_first_line(exc)}") from None
+        finally:
+            image.close()
+        return DecodedImage(rgb, original, (original[0] / target[0], original[1] / target[1]))
+
+
+def _needs_transpose(image: Image.Image) -> bool:
+    """Whether the EXIF orientation is anything but upright (exif_transpose copies even when it is)."""
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    except Exception:  # a corrupt EXIF block: treat the image as upright
+        return False
+
+
+def decode_image(data: bytes | bytearray, *, max_side: int | None, name: str = "image",
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
+    """Decode an uploaded photo for a model that takes the whole scene.
+
+    Returns a `DecodedImage`: `image` (RGB, EXIF orientation applied, long side at most `max_side`;
+    `max_side=None` keeps the full size), `original_size` (the upload's upright width and height) and
+    `scale` (sx, sy): multiply a coordinate in `image` by it to get the upload's pixels (a box
+    (x0, y0, x1, y1) maps to (x0 * sx, y0 * sy, x1 * sx, y1 * sy)).
+
+    A JPEG is reduced while it decodes (DCT scaling to 1/2, 1/4 or 1/8, never below `max_side`), so a
+    48 Mpx phone photo costs what a ~3 Mpx one does; other formats decode at full size first.
+    Raises ImageRejected: 422 for what is not a readable image, 413 for a declared size above
+    `max_pixels`. This call enforces no per-request or per-process budget and runs where it is
+    called (it may take a while: call it in a thread from async code); routes use
+    `app.decoding.decode_uploads`, which checks the budgets first and then runs this same decoder.
+    """
+    decoder = SceneDecoder(max_side)
+    image = open_image(data, name, max_pixels)
+    declared = image.size
+    decoder.reduce(image)
+    return decoder.load(image, name, declared)
+
+
+def to_input(image: Image.Image, name: str, pre: Preprocessing) -> torch.Tensor:
+    """Decode an opened image into a classifier input: uint8 [3, S, S]."""
+    decoder = InputDecoder(pre)
+    declared = image.size
+    decoder.reduce(image)
+    return decoder.load(image, name, declared)
 
 
 def decode(data: bytes | bytearray, name: str, pre: Preprocessing, max_pixels: int) -> torch.Tensor:

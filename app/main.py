@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.imaging import ImageRejected
+from app.memory import keep_large_blocks_apart
 from app.observability import PrometheusMiddleware, ServiceMetrics
 from app.routers import calculators, health, models, predict
 from app.service import Service
@@ -26,6 +27,7 @@ log = logging.getLogger("signserve")
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     service: Service = app.state.service
+    keep_large_blocks_apart()  # large decodes' memory goes back to the OS when freed (app.memory)
     paths = service.check_startup()
     loading = asyncio.create_task(service.load(paths))
 

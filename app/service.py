@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from app.batching import DynamicBatcher
+from app.decoding import DecodeBudget
 from app.engine import Predictor, select_device
 from app.observability import ServiceMetrics
 from app.registry import ModelRegistry
@@ -70,6 +71,10 @@ class Service:
     load_errors: dict[str, str] = field(default_factory=dict)
     ready: bool = False
     workers: WorkerPool | None = None
+    decode_budget: DecodeBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_budget = DecodeBudget(self.settings.max_request_pixels, self.settings.max_decoding_pixels)
 
     def check_startup(self) -> list[Path]:
         """Fail start-up at once on what no waiting fixes: no checkpoints, or an impossible device."""

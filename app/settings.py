@@ -6,8 +6,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.imaging import DEFAULT_MAX_IMAGE_PIXELS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -46,8 +48,18 @@ class Settings(BaseSettings):
 
     max_files_per_request: int = Field(64, ge=1)
     max_upload_bytes: int = Field(10 * MB, ge=1, description="per file, enforced while the body streams in")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="declared width x height beyond which an "
-                                                                "image is refused before decoding")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="declared width x height beyond "
+                                  "which an image is refused before decoding (a 48 Mpx phone photo passes)")
+    max_request_pixels: int = Field(64_000_000, ge=1, description="pixels the images of one request may decode "
+                                    "to, counted from their headers after reduce-on-decode (JPEG); beyond: 413")
+    max_decoding_pixels: int = Field(128_000_000, ge=1, description="pixels being decoded at once in the process "
+                                     "(~4 bytes each, plus copies); further large decodes wait their turn")
+
+    @model_validator(mode="after")
+    def _budgets(self) -> "Settings":
+        if self.max_request_pixels > self.max_decoding_pixels:
+            raise ValueError("max_request_pixels must not exceed max_decoding_pixels")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +137,32 @@ def sign_image(gtsrb_test_samples: list[tuple[str, int]]) -> tuple[Image.Image, 
 @pytest.fixture(scope="session")
 def sign_png(sign_image: tuple[Image.Image, int]) -> bytes:
     return encode(sign_image[0], "PNG")
+
+
+# --- the app in process ---------------------------------------------------------------------------
+
+@contextmanager
+def app_client(checkpoint_dir: Path, **settings) -> Iterator["TestClient"]:
+    """The real app (lifespan, models, batcher) in this process behind Starlette's TestClient; forwards
+    run in threads, no warm-up, so it is ready in a second or two. Returns once /readyz is 200."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    config = Settings(checkpoint_dir=checkpoint_dir, worker_processes=False, warmup=False, instances=1,
+                      **settings)
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"in-process app not ready: {client.get('/readyz').text}")
+            time.sleep(0.05)
+        yield client
+
+
+@pytest.fixture(scope="session")
+def inprocess(checkpoint_snapshot: Path) -> Iterator["TestClient"]:
+    """The app with its default settings, in process (most API tests need no real server)."""
+    with app_client(checkpoint_snapshot) as client:
+        yield client

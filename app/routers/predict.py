@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-import torch
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from app.batching import QueueFull
 from app.dependencies import get_served_model, require_ready
-from app.imaging import decodes_inline, open_image, to_input
+from app.decoding import decode_uploads
+from app.imaging import InputDecoder
 from app.schemas.health import ErrorResponse
 from app.schemas.predict import FileResult, Prediction, PredictQuery, PredictResponse
 from app.service import ServedModel
@@ -67,30 +66,6 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
                             max_bytes=settings.max_upload_bytes)
 
 
-def _display_name(upload: Upload, index: int) -> str:
-    return upload.filename or f"#{index + 1}"
-
-
-async def decode_all(uploads: list[Upload], served: ServedModel, max_pixels: int) -> list[torch.Tensor]:
-    """Every upload as model input. Headers are checked first so a bad file fails the request before
-    any pixel is decoded; small images decode inline, large ones in the thread pool."""
-    pre = served.loaded.preprocessing
-    names = [_display_name(u, i) for i, u in enumerate(uploads)]
-    images = [open_image(u.data, name, max_pixels) for u, name in zip(uploads, names)]
-    inputs: list[torch.Tensor | None] = [None] * len(images)
-    slow = []
-    for i, image in enumerate(images):
-        if decodes_inline(image):
-            inputs[i] = to_input(image, names[i], pre)
-        else:
-            slow.append(i)
-    if slow:
-        decoded = await asyncio.gather(*(run_in_threadpool(to_input, images[i], names[i], pre) for i in slow))
-        for i, tensor in zip(slow, decoded):
-            inputs[i] = tensor
-    return inputs  # type: ignore[return-value]
-
-
 @router.post(
     "/predict",
     response_model=PredictResponse,
@@ -121,7 +96,8 @@ async def predict(request: Request) -> PredictResponse:
     # are queued, the batcher knows this request is coming and may wait for it.
     with served.batcher.expecting():
         uploads = await read_uploads(request, settings)
-        inputs = await decode_all(uploads, served, settings.max_image_pixels)
+        inputs = await decode_uploads(uploads, InputDecoder(served.loaded.preprocessing), service.decode_budget,
+                                      settings.max_image_pixels)
         started = time.perf_counter()
         try:
             futures = served.batcher.submit(inputs)
