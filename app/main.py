@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.http_limits import RequestLimitsMiddleware, validation_error_handler
 from app.imaging import ImageRejected
 from app.memory import keep_large_blocks_apart
 from app.observability import PrometheusMiddleware, ServiceMetrics
@@ -66,7 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = ServiceMetrics()
     app.state.service = Service(settings=settings, metrics=metrics)
     app.state.registry = app.state.service.registry
-    app.add_middleware(PrometheusMiddleware, metrics=metrics)
+    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(PrometheusMiddleware, metrics=metrics)  # outermost: counts what the limits refuse too
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(UploadRejected, _rejected)
     app.add_exception_handler(ImageRejected, _rejected)
     app.add_exception_handler(Exception, _internal_error)

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     max_decoding_pixels: int = Field(128_000_000, ge=1, description="pixels being decoded at once in the process "
                                      "(~4 bytes each, plus copies); further large decodes wait their turn")
 
+    max_body_bytes: int = Field(4 * MB, ge=1, description="request body of every route but the uploads "
+                                "(JSON), enforced while it streams in; beyond: 413")
+    body_timeout_s: float = Field(60.0, gt=0, description="time a client has to send a request body, from its "
+                                  "first byte; beyond: 408 and the connection closed")
+
     @model_validator(mode="after")
     def _budgets(self) -> "Settings":
         if self.max_request_pixels > self.max_decoding_pixels:

@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from starlette.requests import Request
+
+from app.http_limits import allow_body_bytes
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
@@ -178,6 +181,14 @@ async def read_files(content_type: str | None, content_length: str | None, strea
     if not collector.files:
         raise MissingFileField(field_name)
     return collector.files
+
+
+async def read_request_files(request: Request, *, field_name: str, max_files: int, max_bytes: int) -> list[Upload]:
+    """`read_files` on a request: the uploads of `field_name`, under this route's own limits (which
+    replace the general body limit of app.http_limits)."""
+    allow_body_bytes(request, None)
+    return await read_files(request.headers.get("content-type"), request.headers.get("content-length"),
+                            request.stream(), field_name=field_name, max_files=max_files, max_bytes=max_bytes)
 
 
 async def _read_at_most(stream: AsyncIterator[bytes], limit: int) -> bytes:

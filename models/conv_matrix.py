@@ -82,6 +82,9 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def kernel_array(kernel: Sequence) -> np.ndarray:
     """A 2-D [kh][kw] or 4-D [out][in][kh][kw] nested list -> 4-D array.
 
@@ -95,6 +98,8 @@ def kernel_array(kernel: Sequence) -> np.ndarray:
     for leaf in leaves:
         if isinstance(leaf, bool) or not isinstance(leaf, (int, float, str)):
             raise ConvMatrixError(f"kernel entries must be numbers or strings, got {leaf!r}")
+        if isinstance(leaf, int) and not INT64_MIN <= leaf <= INT64_MAX:
+            raise ConvMatrixError(f"integer kernel entries must fit in 64 bits, got one of {leaf.bit_length()} bits")
         if isinstance(leaf, float) and not math.isfinite(leaf):
             raise ConvMatrixError(f"kernel entries must be finite, got {leaf!r}")
         if isinstance(leaf, str) and not leaf.strip():

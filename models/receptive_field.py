@@ -80,6 +80,20 @@ class LayerDoesNotFitError(EmptyOutputError):
             f"so its output would be empty")
 
 
+# Beyond 2^53 the jump (and the start coordinate) are no longer exact as floats; no real network gets near.
+MAX_JUMP = 2 ** 53
+
+
+class JumpTooLargeError(ValueError):
+    """The product of the strides up to layer `layer` (1-based) exceeds MAX_JUMP."""
+
+    def __init__(self, layer: int, spec: LayerSpec, jump: int) -> None:
+        self.layer, self.spec, self.jump = layer, spec, jump
+        label = f"layer {layer}" + (f" ({spec.name})" if spec.name else "")
+        super().__init__(f"{label}: the strides up to here multiply to {jump:.3g}, more than 2^53 input pixels "
+                         f"between neighbouring units (no input is that large)")
+
+
 def closed_form_receptive_field(layers: list[LayerSpec]) -> int:
     """1 + sum_j (k'_j - 1) prod_{i<j} s_i, computed from scratch (no recursion)."""
     return 1 + sum((spec.effective_kernel - 1) * math.prod(s.stride for s in layers[:j])
@@ -94,14 +108,17 @@ def receptive_field_table(input_size: int, layers: list[LayerSpec]) -> list[Rece
     if input_size < 1:
         raise ValueError(f"input_size must be >= 1, got {input_size}")
     rows: list[ReceptiveFieldRow] = []
-    field, jump, start, size = 1, 1, 0.0, input_size
+    field, jump, twice_start, size = 1, 1, 0, input_size  # 2 c_l: exact integers, no float overflow
     for index, spec in enumerate(layers, start=1):
         out = conv_output_size(size, spec.kernel_size, spec.stride, spec.padding, spec.dilation, spec.ceil_mode)
         if out < 1:
             raise LayerDoesNotFitError(index, spec, size)
         field += (spec.effective_kernel - 1) * jump
-        start += ((spec.effective_kernel - 1) / 2 - spec.padding) * jump
+        twice_start += (spec.effective_kernel - 1 - 2 * spec.padding) * jump
         jump *= spec.stride
+        if jump > MAX_JUMP:
+            raise JumpTooLargeError(index, spec, jump)
+        start = twice_start / 2
         size = out
         rows.append(ReceptiveFieldRow(
             layer=index, name=spec.name, kind=spec.kind, kernel_size=spec.kernel_size, stride=spec.stride,

@@ -18,14 +18,20 @@ from app.schemas.calculators import (
     ConvMatrixRequest,
     ConvMatrixResponse,
     ModelReceptiveFieldResponse,
+    OutputShape,
     ReceptiveFieldRequest,
     ReceptiveFieldResponse,
-    Shape,
 )
 from models.checkpoint import LoadedModel, unwrap
 from models.conv_matrix import LATEX_MAX_ENTRIES, ConvMatrixError, MatrixTooLargeError, conv_matrix
 from models.conv_shapes import EmptyOutputError, conv_layer
-from models.receptive_field import LayerDoesNotFitError, LayerSpec, layers_of_module, receptive_field_table
+from models.receptive_field import (
+    JumpTooLargeError,
+    LayerDoesNotFitError,
+    LayerSpec,
+    layers_of_module,
+    receptive_field_table,
+)
 
 router = APIRouter(tags=["calculators"])
 
@@ -39,6 +45,8 @@ def _table(input_size: int, layers: list[LayerSpec], loc: tuple, per_layer: bool
         return [asdict(row) for row in receptive_field_table(input_size, layers)]
     except LayerDoesNotFitError as exc:
         raise _unprocessable("empty_output", str(exc), (*loc, exc.layer - 1) if per_layer else loc) from exc
+    except JumpTooLargeError as exc:
+        raise _unprocessable("value_error", str(exc), (*loc, exc.layer - 1) if per_layer else loc) from exc
 
 
 @router.post("/v1/calculators/receptive-field", response_model=ReceptiveFieldResponse)
@@ -69,8 +77,8 @@ def conv_layer_shape(request: ConvLayerRequest) -> dict:
                             request.stride, request.padding, request.dilation, request.bias)
     except EmptyOutputError as exc:
         raise _unprocessable("empty_output", str(exc)) from exc
-    return {"output_shape": Shape(height=result.output_height, width=result.output_width,
-                                  channels=result.output_channels),
+    return {"output_shape": OutputShape(height=result.output_height, width=result.output_width,
+                                        channels=result.output_channels),
             "parameters": result.parameters, "multiply_adds": result.multiply_adds}
 
 

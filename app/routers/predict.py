@@ -17,7 +17,7 @@ from app.schemas.health import ErrorResponse
 from app.schemas.predict import FileResult, Prediction, PredictQuery, PredictResponse
 from app.service import ServedModel
 from app.settings import Settings
-from app.uploads import Upload, read_files
+from app.uploads import Upload, read_request_files
 from app.workers import WorkerDied
 from models.checkpoint import LoadedModel
 
@@ -61,9 +61,8 @@ def parse_query(request: Request) -> PredictQuery:
 
 
 async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
-    return await read_files(request.headers.get("content-type"), request.headers.get("content-length"),
-                            request.stream(), field_name=FILE_FIELD, max_files=settings.max_files_per_request,
-                            max_bytes=settings.max_upload_bytes)
+    return await read_request_files(request, field_name=FILE_FIELD, max_files=settings.max_files_per_request,
+                                    max_bytes=settings.max_upload_bytes)
 
 
 @router.post(

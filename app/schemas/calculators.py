@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    model_validator,
+)
 
 MAX_INPUT = 16_384
 MAX_WINDOW = 1_024
@@ -31,7 +40,7 @@ class LayerIn(_Strict):
     stride: Stride = 1
     padding: Padding = 0
     dilation: Dilation = 1
-    ceil_mode: bool = Field(False, description="round the output size up, as pooling layers may")
+    ceil_mode: StrictBool = Field(False, description="round the output size up, as pooling layers may")
     name: Annotated[str, StringConstraints(max_length=64)] | None = Field(None, description="a label for the row")
 
 
@@ -85,14 +94,22 @@ class ConvLayerRequest(_Strict):
     stride: Stride | tuple[Stride, Stride] = 1
     padding: Padding | tuple[Padding, Padding] = 0
     dilation: Dilation | tuple[Dilation, Dilation] = 1
-    bias: bool = True
+    bias: StrictBool = True
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"input_shape": {"height": 32, "width": 32, "channels": 3}, "filters": 10, "kernel_size": 5}]})
 
 
+class OutputShape(BaseModel):
+    """A layer's output: padding can make it larger than any input the calculators accept."""
+
+    height: int
+    width: int
+    channels: int
+
+
 class ConvLayerResponse(BaseModel):
-    output_shape: Shape
+    output_shape: OutputShape
     parameters: int = Field(..., description="filters * channels * kh * kw, + filters with a bias")
     multiply_adds: int = Field(..., description="out_h * out_w * filters * channels * kh * kw (bias adds not counted)")
 
@@ -100,7 +117,8 @@ class ConvLayerResponse(BaseModel):
 # --- conv as a matrix ----------------------------------------------------------------------------------
 
 Symbol = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
-Entry = StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)] | Symbol
+Entry = Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)] | Annotated[StrictFloat, Field(allow_inf_nan=False)] \
+    | Symbol
 Row = Annotated[list[Entry], Field(min_length=1, max_length=32)]
 Kernel2D = Annotated[list[Row], Field(min_length=1, max_length=32)]
 Kernel4D = Annotated[list[Annotated[list[Kernel2D], Field(min_length=1, max_length=32)]],
@@ -117,7 +135,7 @@ class ConvMatrixRequest(_Strict):
     stride: Step | tuple[Step, Step] = 1
     padding: Pad | tuple[Pad, Pad] = 0
     dilation: Step | tuple[Step, Step] = 1
-    flip: bool = Field(False, description="flip the kernel first: true convolution instead of conv2d's "
+    flip: StrictBool = Field(False, description="flip the kernel first: true convolution instead of conv2d's "
                                           "cross-correlation")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
