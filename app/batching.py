@@ -48,6 +48,14 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class TooManyImages(Exception):
+    """More images in one request than the queue can ever hold: retrying cannot help (413)."""
+
+    def __init__(self, name: str, count: int, queue_size: int) -> None:
+        super().__init__(f"{count} images in one request, more than the {queue_size} that model {name!r} can "
+                         f"ever queue (SIGNSERVE_QUEUE_SIZE); send at most {queue_size} per request")
+
+
 @dataclass(slots=True)
 class _Item:
     image: torch.Tensor
@@ -122,11 +130,17 @@ class DynamicBatcher:
             if self._expected == 0 and self._items:
                 self._wakeup.set()
 
+    def check_admissible(self, count: int) -> None:
+        """TooManyImages when `count` images could never be queued at once, however idle the model."""
+        if count > self.queue_size:
+            raise TooManyImages(self.name, count, self.queue_size)
+
     def submit(self, images: Sequence[torch.Tensor]) -> list[asyncio.Future]:
         """Queue uint8 images [3, S, S]; each future resolves to that image's result from `forward`.
-        All or none are queued: QueueFull when they do not fit."""
+        All or none are queued: QueueFull when they do not fit now, TooManyImages when they never can."""
         if self._task is None:
             raise RuntimeError(f"batcher {self.name!r} is not running")
+        self.check_admissible(len(images))
         if self.depth + len(images) > self.queue_size:
             raise QueueFull(self.name, self.retry_after(len(images)))
         loop = asyncio.get_running_loop()

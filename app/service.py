@@ -19,6 +19,7 @@ from app.batching import DynamicBatcher
 from app.decoding import DecodeBudget
 from app.engine import Predictor, select_device
 from app.observability import ServiceMetrics
+from app.schemas.health import SkippedCheckpoint
 from app.registry import ModelRegistry
 from app.settings import Settings, available_cores
 from app.workers import WorkerPool
@@ -76,6 +77,9 @@ class Service:
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.max_request_pixels, self.settings.max_decoding_pixels)
 
+    def skipped(self) -> list[SkippedCheckpoint]:
+        return [SkippedCheckpoint(file=file, reason=reason) for file, reason in self.load_errors.items()]
+
     def check_startup(self) -> list[Path]:
         """Fail start-up at once on what no waiting fixes: no checkpoints, or an impossible device."""
         paths = checkpoint_paths(self.settings.checkpoint_dir)
@@ -128,20 +132,12 @@ class Service:
                 self.load_errors["workers"] = str(exc)
                 return
             pool_seconds = time.perf_counter() - started
-        for name, (model, predictor, seconds, _) in loaded.items():
-            forward = self.workers.forward(name) if self.workers else predictor.ranked
-            batcher = DynamicBatcher(forward, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
-                                     queue_size=s.queue_size, instances=plan.instances, name=name,
-                                     on_batch=self.metrics.batch_observer(name))
-            batcher.start()
-            seconds += pool_seconds
-            self.models[name] = ServedModel(model, batcher, seconds, predictor)
-            self.metrics.model_load_seconds.labels(name).set(seconds)
-            self.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
-            self.metrics.model_info.labels(name, model.architecture, str(model.device), model.sha256).set(1)
-            self.metrics.watch_device(model.device)
-            log.info("serving %s (%s, %d parameters, test accuracy %s) on %s, ready in %.2f s", name,
-                     model.architecture, model.parameters, model.test_accuracy, model.device, seconds)
+        for name, (model, predictor, seconds, path) in loaded.items():
+            try:
+                self._serve(name, model, predictor, seconds + pool_seconds)
+            except Exception as exc:  # whatever it is, it is this model's problem, not the others'
+                log.error("skipping checkpoint %s: %s", path, exc)
+                self.load_errors[path.name] = f"{type(exc).__name__}: {exc}"
         self.registry = ModelRegistry({name: m.loaded for name, m in self.models.items()})
         # What exists now (torch, FastAPI, the models: ~420k objects) lives as long as the process.
         # Frozen, the collector's full passes skip it; unfrozen, each walked it all (~190 ms measured,
@@ -150,6 +146,21 @@ class Service:
         self.ready = bool(self.models)
         if not self.ready:
             log.error("no model could be loaded; /readyz stays 503")
+
+    def _serve(self, name: str, model: LoadedModel, predictor: Predictor | None, seconds: float) -> None:
+        s, plan = self.settings, self.plan
+        forward = self.workers.forward(name) if self.workers else predictor.ranked
+        batcher = DynamicBatcher(forward, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
+                                 queue_size=s.queue_size, instances=plan.instances, name=name,
+                                 on_batch=self.metrics.batch_observer(name))
+        batcher.start()
+        self.models[name] = ServedModel(model, batcher, seconds, predictor)
+        self.metrics.model_load_seconds.labels(name).set(seconds)
+        self.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
+        self.metrics.model_info.labels(name, model.architecture, str(model.device), model.sha256).set(1)
+        self.metrics.watch_device(model.device)
+        log.info("serving %s (%s, %d parameters, test accuracy %s) on %s, ready in %.2f s", name,
+                 model.architecture, model.parameters, model.test_accuracy, model.device, seconds)
 
     async def close(self) -> None:
         self.ready = False

@@ -27,6 +27,7 @@ Files are written atomically: a temp file in the same directory, fsync, then ren
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import tempfile
@@ -40,10 +41,11 @@ from torch import nn
 from models.architectures import build_model, count_parameters
 from models.calibration import Calibration
 from models.ensemble import ENSEMBLE_NAME, EnsembleSpec
-from models.preprocessing import Preprocessing
+from models.preprocessing import INTERPOLATIONS, Preprocessing
 
 FORMAT = "signserve-checkpoint"
 FORMAT_VERSION = 1
+CLASSIFIER_ARCHITECTURES = ("cnn", "resnet18")  # their metrics rows carry every METRIC_FIELDS entry
 METRIC_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")
 REQUIRED_KEYS = ("format", "format_version", "architecture", "class_names", "preprocessing", "state_dict")
 
@@ -159,10 +161,59 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metadata_problems(ckpt: dict) -> list[str]:
+    """What is wrong with a checkpoint's metadata (empty when nothing): every field serving reads is
+    checked here, so a malformed file is refused whole at load time, never half-served."""
+    problems = []
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        problems.append(f"format_version is {version!r}, not an integer")
+    names = ckpt["class_names"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        problems.append("class_names is not a non-empty list of strings")
+    if not isinstance(ckpt["architecture"], str):
+        problems.append("architecture is not a string")
+    if not isinstance(ckpt["state_dict"], dict) or not all(isinstance(v, torch.Tensor)
+                                                           for v in ckpt["state_dict"].values()):
+        problems.append("state_dict is not a dict of tensors")
+    try:
+        pre = Preprocessing.from_dict(ckpt["preprocessing"])
+        if not 1 <= pre.input_size <= 4096 or len(pre.mean) != 3 or len(pre.std) != 3 \
+                or not all(math.isfinite(v) for v in pre.mean + pre.std) or min(pre.std) <= 0:
+            raise ValueError(f"{pre}")
+        if pre.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {pre.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+    except Exception as exc:  # from_dict raises KeyError, TypeError, ValueError on what it cannot read
+        problems.append(f"preprocessing is malformed ({type(exc).__name__}: {exc})")
+    for key, kind in (("start_weights", str), ("train_args", dict), ("data", dict), ("metrics", list)):
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            problems.append(f"{key} is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
+    required = METRIC_FIELDS if ckpt["architecture"] in CLASSIFIER_ARCHITECTURES else ("epoch",)
+    for i, row in enumerate(ckpt.get("metrics", []) if isinstance(ckpt.get("metrics", []), list) else []):
+        if not isinstance(row, dict):
+            problems.append(f"metrics[{i}] is not a dict")
+            continue
+        missing = [k for k in required if k not in row]
+        bad = [k for k in required if k in row and not _finite_number(row[k])]
+        if missing or bad:
+            what = ([f"lacks {', '.join(missing)}"] if missing else []) + \
+                ([f"has non-numeric {', '.join(bad)}"] if bad else [])
+            problems.append(f"metrics[{i}] {'; '.join(what)}")
+            break  # one malformed row says enough
+    return problems
+
+
 def validate(ckpt: dict, path: str | os.PathLike) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a signserve checkpoint (missing {missing or ['format']})")
+    problems = metadata_problems(ckpt)
+    if problems:
+        raise CheckpointError(f"{path}: malformed metadata: {'; '.join(problems)}")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {ckpt['format_version']} is newer than this code "
                               f"understands ({FORMAT_VERSION})")
@@ -173,7 +224,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = Path(path)
     ckpt = safe_load(path)
     validate(ckpt, path)
-    model = build_model(ckpt["architecture"], num_classes=len(ckpt["class_names"]))
+    try:
+        model = build_model(ckpt["architecture"], num_classes=len(ckpt["class_names"]))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     try:
         model.load_state_dict(state)

@@ -54,6 +54,7 @@ class Preprocessing:
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+INTERPOLATIONS = frozenset(_RESAMPLE)
 
 
 def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:

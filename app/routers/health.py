@@ -23,7 +23,7 @@ async def healthz() -> Health:
 @router.get("/readyz", response_model=Readiness, summary="Every model is loaded and warmed up",
             responses={503: {"model": ErrorResponse, "description": "still loading, or no model loads"}})
 async def readyz(service: Annotated[Service, Depends(get_ready_service)]) -> Readiness:
-    return Readiness(models=list(service.models), device=str(service.device))
+    return Readiness(models=list(service.models), device=str(service.device), skipped=service.skipped())
 
 
 @router.get("/metrics", response_class=Response, tags=["monitoring"], summary="Prometheus metrics",

@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.dependencies import get_loaded_model, get_registry
+from app.dependencies import get_loaded_model, get_registry, get_service
 from app.plots import training_curves_png
 from app.registry import ModelRegistry
 from app.schemas.health import ErrorResponse
+from app.service import Service
 from app.schemas.models import EpochMetrics, ModelInfo, ModelList, TrainingMetrics
 from models.checkpoint import METRIC_FIELDS, LoadedModel, metrics_csv
 
@@ -28,9 +29,10 @@ def model_info(m: LoadedModel) -> ModelInfo:
 
 
 @router.get("", response_model=ModelList, summary="The served models")
-def list_models(registry: Annotated[ModelRegistry, Depends(get_registry)]) -> ModelList:
+def list_models(registry: Annotated[ModelRegistry, Depends(get_registry)],
+                service: Annotated[Service, Depends(get_service)]) -> ModelList:
     return ModelList(models=[model_info(registry.get(n)) for n in registry.names()],
-                     default=registry.best() if len(registry) else None)
+                     default=registry.best() if len(registry) else None, skipped=service.skipped())
 
 
 @router.get("/{name}", response_model=ModelInfo, responses=NOT_FOUND, summary="One served model")

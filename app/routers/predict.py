@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from app.batching import QueueFull
+from app.batching import QueueFull, TooManyImages
 from app.dependencies import get_served_model, require_ready
 from app.decoding import decode_uploads
 from app.imaging import InputDecoder
@@ -73,8 +73,10 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
     responses={
         400: {"model": ErrorResponse, "description": "malformed multipart body"},
         404: {"model": ErrorResponse, "description": "unknown model"},
-        413: {"model": ErrorResponse, "description": "file over the size limit, too many files, or an "
-                                                      "image declaring too many pixels"},
+        413: {"model": ErrorResponse, "description": "file over the size limit, too many files (or more than "
+                                                      "the queue can hold), an image declaring too many "
+                                                      "pixels, or images decoding to more than the request's "
+                                                      "pixel budget"},
         415: {"model": ErrorResponse, "description": "the body is not multipart/form-data"},
         422: {"description": "a query parameter out of range (`detail` lists them, as FastAPI does), or a "
                              "file that is missing, empty or not a readable image (`detail` names it)"},
@@ -95,6 +97,10 @@ async def predict(request: Request) -> PredictResponse:
     # are queued, the batcher knows this request is coming and may wait for it.
     with served.batcher.expecting():
         uploads = await read_uploads(request, settings)
+        try:
+            served.batcher.check_admissible(len(uploads))
+        except TooManyImages as exc:
+            raise HTTPException(413, str(exc)) from None
         inputs = await decode_uploads(uploads, InputDecoder(served.loaded.preprocessing), service.decode_budget,
                                       settings.max_image_pixels)
         started = time.perf_counter()

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from app.schemas.health import SkippedCheckpoint
+
 
 class ModelInfo(BaseModel):
     name: str = Field(..., description="the checkpoint's file stem; use it as ?model= and in /v1/models/{name}")
@@ -18,6 +20,7 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     models: list[ModelInfo]
     default: str | None = Field(None, description="the model /v1/predict uses without ?model=")
+    skipped: list[SkippedCheckpoint] = Field([], description="checkpoints that failed validation or loading")
 
 
 class EpochMetrics(BaseModel):
