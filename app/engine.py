@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import copy
+import logging
+from pathlib import Path
 
 import torch
 
+from models.backends import BackendRecord, Forward, Job, load_forward, select
 from models.checkpoint import LoadedModel
+from models.export import InputSpec, checkpoint_metadata
 from models.preprocessing import normalize
+
+log = logging.getLogger("signserve")
 
 
 def select_device(setting: str) -> torch.device:
@@ -23,19 +28,24 @@ def select_device(setting: str) -> torch.device:
 class Predictor:
     """uint8 image batch [N, 3, S, S] -> class probabilities [N, C] (float32, CPU).
 
-    Runs its own copy of the model (the checkpoint's stays as loaded, for other readers):
+    The forward runs on the backend its record names (models.backends: torch, ONNX Runtime or
+    OpenVINO, chosen at start-up by `choose_backend`); without a record, torch as below. The torch
+    forward runs its own copy of the model (the checkpoint's stays as loaded, for other readers):
     NHWC (channels_last) memory format by default, which oneDNN on the CPU runs ~1.4-1.7x faster
     than NCHW for these models and cuDNN prefers too; fp16 on CUDA (tensor cores). On the CPU it
     stays fp32, so probabilities match `training.evaluate` to ~1e-6.
     """
 
-    def __init__(self, loaded: LoadedModel, *, half: bool = True, channels_last: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, *, half: bool = True, channels_last: bool = True,
+                 backend: BackendRecord | None = None, threads: int | None = None) -> None:
         self.loaded = loaded
         self.device = loaded.device
-        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = copy.deepcopy(loaded.model).to(device=self.device, dtype=self.dtype,
-                                                    memory_format=self.memory_format).eval()
+        if backend is None:
+            backend = BackendRecord("torch", "fp16" if half and self.device.type == "cuda" else "fp32")
+        # `backend`, after this, is the label of what really runs: the record's, or torch-fp32 if it failed to load
+        self.forward, self.backend = load_forward(backend, loaded.model, self.device,
+                                                  threads or torch.get_num_threads(), channels_last=channels_last,
+                                                  name=loaded.name)
         self.input_size = loaded.preprocessing.input_size
 
     @property
@@ -46,9 +56,8 @@ class Predictor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             images = images.pin_memory().to(self.device, non_blocking=True)
-        # normalise in fp32 (0..255 minus the mean loses bits in fp16), then cast
-        x = normalize(images, self.loaded.preprocessing).to(self.dtype, memory_format=self.memory_format)
-        return self.model(x).float().softmax(dim=1).cpu()
+        # normalise in fp32 (0..255 minus the mean loses bits in fp16); the forward casts
+        return self.forward(normalize(images, self.loaded.preprocessing)).float().softmax(dim=1).cpu()
 
     def ranked(self, images: torch.Tensor) -> list[tuple[list[int], list[float]]]:
         """Per image: every class id by falling probability, and the probabilities, as plain lists,
@@ -67,3 +76,50 @@ class Predictor:
             size = min(size * 2, max_batch_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity_images: int) -> Job:
+    """What choosing a classifier's backend checks and times: `parity_images` real GTSRB test images
+    (a class-mixed sample), the accuracy on the whole test split, batches of the service's size.
+    Without the data set the job has no images, and `select` keeps torch."""
+    from training.data import default_data_root, load_split
+
+    pre = loaded.preprocessing
+    spec = InputSpec((batch_size, 3, pre.input_size, pre.input_size))
+    try:
+        split = load_split(default_data_root(), "test", pre)
+    except FileNotFoundError as exc:
+        log.warning("%s: %s", loaded.name, exc)
+        split = None
+    sample = split.subset(parity_images).images if split is not None else torch.zeros(0, 3, 1, 1)
+    batches = [normalize(sample[i:i + batch_size], pre) for i in range(0, len(sample), batch_size)]
+
+    def accuracy(forward: Forward) -> float:
+        correct = 0
+        with torch.inference_mode():
+            for i in range(0, len(split), 256):
+                logits = forward(normalize(split.images[i:i + 256], pre))
+                correct += int((logits.argmax(1) == split.labels[i:i + 256]).sum())
+        return round(correct / len(split), 6)
+
+    measure = batches[0] if batches else normalize(torch.zeros(spec.shape, dtype=torch.uint8), pre)
+    return Job(loaded.sha256, spec, batches, measure, Path(cache_dir), metadata=checkpoint_metadata(loaded),
+               accuracy=accuracy if split is not None else None, name=loaded.name)
+
+
+def choose_backend(loaded: LoadedModel, request: str, *, cache_dir: Path, batch_size: int, parity_images: int,
+                   threads: int, half: bool = True) -> BackendRecord:
+    """The backend record a classifier is served with (models.backends.select; cached per checkpoint,
+    machine and thread count). `torch` skips the export, parity and timing altogether."""
+    if request == "torch" or loaded.device.type == "cuda":
+        precision = "fp16" if half and loaded.device.type == "cuda" else "fp32"
+        reason = "SIGNSERVE_BACKEND=torch" if request == "torch" else \
+            f"CUDA: torch {precision} (the CPU runtimes do not apply; TensorRT is not wired in)"
+        return BackendRecord("torch", precision, reason=reason, threads=threads)
+    try:
+        job = classifier_job(loaded, cache_dir, batch_size, parity_images)
+        return select(loaded.model, job, request=request, device=loaded.device, threads=threads, half=half)[1]
+    except Exception as exc:  # choosing must never keep a model from being served
+        reason = f"choosing a backend failed ({type(exc).__name__}: {exc}): torch fp32"
+        log.error("%s: %s", loaded.name, reason)
+        return BackendRecord("torch", "fp32", reason=reason, threads=threads)

@@ -71,7 +71,8 @@ class ServiceMetrics:
         self.model_load_seconds = Gauge("signserve_model_load_seconds",
                                         "time to load and warm up a model at start-up", ["model"], registry=r)
         self.model_info = Gauge("signserve_model_info", "the models served (value 1)",
-                                ["model", "architecture", "device", "checkpoint_sha256"], registry=r)
+                                ["model", "architecture", "device", "checkpoint_sha256", "backend", "precision"],
+                                registry=r)
         self._cuda_devices: list[torch.device] = []
         r.register(CudaMemoryCollector(lambda: self._cuda_devices))
 

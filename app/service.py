@@ -17,12 +17,13 @@ import torch
 
 from app.batching import DynamicBatcher
 from app.decoding import DecodeBudget
-from app.engine import Predictor, select_device
+from app.engine import Predictor, choose_backend, select_device
 from app.observability import ServiceMetrics
 from app.schemas.health import SkippedCheckpoint
 from app.registry import ModelRegistry
 from app.settings import Settings, available_cores
 from app.workers import WorkerPool
+from models.backends import BackendRecord
 from models.checkpoint import LoadedModel, load_checkpoint
 
 log = logging.getLogger("signserve")
@@ -59,6 +60,7 @@ class ServedModel:
     batcher: DynamicBatcher
     load_seconds: float
     predictor: Predictor | None = None  # the in-process forward; None when worker processes run it
+    backend: BackendRecord | None = None  # what runs the forward, and why (models.backends)
 
 
 @dataclass
@@ -97,34 +99,39 @@ class Service:
                  plan.torch_threads or torch.get_num_threads())
         return paths
 
-    def _load_one(self, path: Path) -> tuple[LoadedModel, Predictor | None]:
+    def _load_one(self, path: Path) -> tuple[LoadedModel, BackendRecord, Predictor | None]:
+        s = self.settings
         loaded = load_checkpoint(path, device=self.device, name=path.stem)
+        threads = self.plan.torch_threads or torch.get_num_threads()
+        backend = choose_backend(loaded, s.backend, cache_dir=s.backend_cache_dir, batch_size=s.max_batch_size,
+                                 parity_images=s.backend_parity_images, threads=threads, half=s.half)
         if self.plan.processes:
-            return loaded, None  # metadata here; the workers load their own copy to run
-        predictor = Predictor(loaded, half=self.settings.half, channels_last=self.settings.channels_last)
-        if self.settings.warmup:
-            predictor.warmup(self.settings.max_batch_size)
-        return loaded, predictor
+            return loaded, backend, None  # metadata here; the workers load their own copy to run
+        predictor = Predictor(loaded, half=s.half, channels_last=s.channels_last, backend=backend, threads=threads)
+        if s.warmup:
+            predictor.warmup(s.max_batch_size)
+        return loaded, backend, predictor
 
     async def load(self, paths: list[Path]) -> None:
         s, plan = self.settings, self.plan
-        loaded: dict[str, tuple[LoadedModel, Predictor | None, float, Path]] = {}
+        loaded: dict[str, tuple[LoadedModel, BackendRecord, Predictor | None, float, Path]] = {}
         for path in paths:
             started = time.perf_counter()
             try:
-                model, predictor = await asyncio.to_thread(self._load_one, path)
+                model, backend, predictor = await asyncio.to_thread(self._load_one, path)
             except Exception as exc:  # one bad file must not take the other models down
                 log.error("skipping checkpoint %s: %s", path, exc)
                 self.load_errors[path.name] = str(exc)
                 continue
-            loaded[model.name] = (model, predictor, time.perf_counter() - started, path)
+            loaded[model.name] = (model, backend, predictor, time.perf_counter() - started, path)
         pool_seconds = 0.0
         if plan.processes and loaded:
             started = time.perf_counter()
             self.workers = WorkerPool(WorkerPool.config_for(
-                {name: path for name, (_, _, _, path) in loaded.items()}, self.device, half=s.half,
+                {name: path for name, (_, _, _, _, path) in loaded.items()}, self.device, half=s.half,
                 channels_last=s.channels_last, threads=plan.torch_threads or 1,
-                warmup_batch_size=s.max_batch_size if s.warmup else None, nice=s.worker_nice), plan.instances)
+                warmup_batch_size=s.max_batch_size if s.warmup else None, nice=s.worker_nice,
+                backends={name: backend for name, (_, backend, _, _, _) in loaded.items()}), plan.instances)
             try:
                 await asyncio.to_thread(self.workers.start)
             except Exception as exc:
@@ -132,9 +139,9 @@ class Service:
                 self.load_errors["workers"] = str(exc)
                 return
             pool_seconds = time.perf_counter() - started
-        for name, (model, predictor, seconds, path) in loaded.items():
+        for name, (model, backend, predictor, seconds, path) in loaded.items():
             try:
-                self._serve(name, model, predictor, seconds + pool_seconds)
+                self._serve(name, model, backend, predictor, seconds + pool_seconds)
             except Exception as exc:  # whatever it is, it is this model's problem, not the others'
                 log.error("skipping checkpoint %s: %s", path, exc)
                 self.load_errors[path.name] = f"{type(exc).__name__}: {exc}"
@@ -147,20 +154,25 @@ class Service:
         if not self.ready:
             log.error("no model could be loaded; /readyz stays 503")
 
-    def _serve(self, name: str, model: LoadedModel, predictor: Predictor | None, seconds: float) -> None:
+    def _serve(self, name: str, model: LoadedModel, backend: BackendRecord, predictor: Predictor | None,
+               seconds: float) -> None:
         s, plan = self.settings, self.plan
         forward = self.workers.forward(name) if self.workers else predictor.ranked
         batcher = DynamicBatcher(forward, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
                                  queue_size=s.queue_size, instances=plan.instances, name=name,
                                  on_batch=self.metrics.batch_observer(name))
         batcher.start()
-        self.models[name] = ServedModel(model, batcher, seconds, predictor)
+        self.models[name] = ServedModel(model, batcher, seconds, predictor, backend)
         self.metrics.model_load_seconds.labels(name).set(seconds)
         self.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
-        self.metrics.model_info.labels(name, model.architecture, str(model.device), model.sha256).set(1)
+        self.metrics.model_info.labels(name, model.architecture, str(model.device), model.sha256,
+                                       backend.backend, backend.precision).set(1)
         self.metrics.watch_device(model.device)
         log.info("serving %s (%s, %d parameters, test accuracy %s) on %s, ready in %.2f s", name,
                  model.architecture, model.parameters, model.test_accuracy, model.device, seconds)
+        log.info("%s runs on %s%s: %s; bare forward images/s %s; rejected %s; test accuracy %s", name,
+                 backend.label, " (cached choice)" if backend.cached else f" (chosen in {backend.selected_in_s} s)",
+                 backend.reason, backend.images_per_s or "-", backend.rejected or "-", backend.test_accuracy or "-")
 
     async def close(self) -> None:
         self.ready = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,13 @@ class Settings(BaseSettings):
                                                           "so the event loop that feeds them runs first")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default on the CPU: "
                                                               "cores / instances; on CUDA: torch's own)")
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="the forward's runtime: auto (the fastest that matches torch fp32 on real images, "
+                            "chosen once per checkpoint and machine, see docs/backends.md), or one of them")
+    backend_cache_dir: Path = Field(PROJECT_ROOT / ".cache" / "backends",
+                                    description="exported models and backend choices, by checkpoint sha256")
+    backend_parity_images: int = Field(500, ge=1, description="real GTSRB test images every backend must "
+                                                              "classify as torch fp32 does")
     warmup: bool = Field(True, description="run a forward pass at every batch size class before /readyz")
 
     max_batch_size: int = Field(64, ge=1, description="images per forward pass, at most")

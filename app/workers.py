@@ -23,11 +23,13 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
+
+from models.backends import BackendRecord
 
 log = logging.getLogger("signserve")
 
@@ -43,11 +45,13 @@ class WorkerConfig:
     torch_threads: int
     warmup_batch_size: int | None  # None: no warm-up
     nice: int = 0  # added to the workers' CPU scheduling niceness
+    backends: dict[str, dict] = field(default_factory=dict)  # model name -> BackendRecord.to_dict(); absent: torch
 
 
 def _serve(conn: Connection, config: WorkerConfig) -> None:
     """The worker process: load, warm up, report, then answer batches until told to stop."""
     from app.engine import Predictor
+    from models.backends import BackendRecord
     from models.checkpoint import load_checkpoint
 
     torch.set_num_threads(config.torch_threads)
@@ -57,7 +61,10 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
         predictors = {}
         for name, path in config.checkpoints.items():
             loaded = load_checkpoint(path, device=config.device, name=name)
-            predictors[name] = Predictor(loaded, half=config.half, channels_last=config.channels_last)
+            backend = config.backends.get(name)
+            predictors[name] = Predictor(loaded, half=config.half, channels_last=config.channels_last,
+                                         backend=BackendRecord.from_dict(backend) if backend else None,
+                                         threads=config.torch_threads)
             if config.warmup_batch_size:
                 predictors[name].warmup(config.warmup_batch_size)
     except Exception as exc:
@@ -227,6 +234,8 @@ class WorkerPool:
 
     @staticmethod
     def config_for(paths: dict[str, Path], device: torch.device, *, half: bool, channels_last: bool, threads: int,
-                   warmup_batch_size: int | None, nice: int = 0) -> WorkerConfig:
+                   warmup_batch_size: int | None, nice: int = 0,
+                   backends: dict[str, BackendRecord] | None = None) -> WorkerConfig:
         return WorkerConfig({name: str(path) for name, path in paths.items()}, str(device), half, channels_last,
-                            threads, warmup_batch_size, nice)
+                            threads, warmup_batch_size, nice,
+                            {name: record.to_dict() for name, record in (backends or {}).items()})

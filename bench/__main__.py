@@ -5,8 +5,9 @@ per request as multipart/form-data, loopback only):
 
 - service:  `python -m app`, the real service with its dynamic batcher;
 - plain:    a hand-written per-request FastAPI handler, no batching (bench/plain_handler.py);
-- bare:     the model's batched forward pass alone (bench/forward.py), right before and right
-            after the service's runs of that model;
+- bare:     the model's batched forward pass alone (bench/forward.py) on the backend the service
+            chose, right before and right after the service's runs of that model;
+- backends: each backend's bare forward (bench/backends.py), in one interleaved run;
 - the route's own work in this process (multipart parsing, decoding, the answer), for the floor;
 and once:
 - ceiling:  a minimal FastAPI endpoint that only receives the upload (bench/receive_only.py).
@@ -42,6 +43,8 @@ from app.settings import Settings
 from app.uploads import read_files
 from app.workers import WorkerPool
 from bench import forward, harness
+from bench.backends import backend_rates, service_backend
+from models.backends import BackendRecord
 from models.checkpoint import LoadedModel, load_checkpoint
 from models.classes import NUM_CLASSES
 
@@ -93,20 +96,22 @@ def request_work_cpu_ms(body: bytes, boundary: str, loaded: LoadedModel, setting
     return asyncio.run(timed())
 
 
-def bare_forward_rates(path: Path, loaded: LoadedModel, settings: Settings,
-                       plan: ExecutionPlan) -> dict[str, forward.Rate]:
+def bare_forward_rates(path: Path, loaded: LoadedModel, settings: Settings, plan: ExecutionPlan,
+                       backend: BackendRecord) -> dict[str, forward.Rate]:
     """Configuration -> batched forward rate of one model: one forward at a time on all torch threads,
     and the service's own plan (its worker processes, fed from one event loop, or its threads)."""
     batch_size = settings.max_batch_size
     plan_label = (f"{plan.instances} {'processes' if plan.processes else 'threads'} x "
                   f"{plan.torch_threads or torch.get_num_threads()} torch threads, batch {batch_size}")
     single_label = f"1 forward x {torch.get_num_threads()} torch threads, batch {batch_size}"
-    predictor = Predictor(loaded, half=settings.half, channels_last=settings.channels_last)
+    predictor = Predictor(loaded, half=settings.half, channels_last=settings.channels_last, backend=backend,
+                          threads=torch.get_num_threads())
     rates = {single_label: forward.images_per_second(predictor, batch_size)}
     if plan.processes:
         pool = WorkerPool(WorkerPool.config_for({loaded.name: path}, loaded.device, half=settings.half,
                                                 channels_last=settings.channels_last, threads=plan.torch_threads or 1,
-                                                warmup_batch_size=batch_size, nice=settings.worker_nice),
+                                                warmup_batch_size=batch_size, nice=settings.worker_nice,
+                                                backends={loaded.name: backend}),
                           plan.instances)
         pool.start()
 
@@ -120,10 +125,12 @@ def bare_forward_rates(path: Path, loaded: LoadedModel, settings: Settings,
 
         rates[plan_label] = asyncio.run(pool_rate())
     else:
-        rates[plan_label] = forward.images_per_second(predictor, batch_size, instances=plan.instances,
+        plan_predictor = Predictor(loaded, half=settings.half, channels_last=settings.channels_last,
+                                   backend=backend, threads=plan.torch_threads)
+        rates[plan_label] = forward.images_per_second(plan_predictor, batch_size, instances=plan.instances,
                                                       threads=plan.torch_threads)
     for config, rate in rates.items():
-        print(f"  {loaded.name}: {config}: {rate.images_per_s:.0f} images/s, machine CPU "
+        print(f"  {loaded.name} ({predictor.backend}): {config}: {rate.images_per_s:.0f} images/s, machine CPU "
               f"{rate.machine_cpu_ms_per_image:.2f} ms/image", flush=True)
     return rates
 
@@ -179,6 +186,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each run (0: none)")
+    parser.add_argument("--backend-seconds", type=float, default=6.0,
+                        help="seconds of the interleaved run timing every backend's bare forward")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench.json")
     args = parser.parse_args()
 
@@ -209,11 +218,20 @@ def main() -> None:
     report["machine"]["service_plan"] = asdict(plan)
     loaded = {p.stem: load_checkpoint(p, device=device, name=p.stem) for p in paths}
     body_bytes = body.read_bytes()
+    threads = plan.torch_threads or torch.get_num_threads()
+    backends = {}
     for path in paths:
         handling = request_work_cpu_ms(body_bytes, boundary, loaded[path.stem], settings)
         report["models"][path.stem] = {"request_work_cpu_ms": handling}
         print(f"  {path.stem}: parsing, decoding and answering one upload in-process {handling:.2f} ms CPU",
               flush=True)
+        backends[path.stem] = service_backend(loaded[path.stem], settings, threads)
+        rates = backend_rates(loaded[path.stem], settings, threads, seconds=args.backend_seconds)
+        report["models"][path.stem]["backend"] = backends[path.stem].to_dict()
+        report["models"][path.stem]["backend_bare_forward_images_per_s"] = rates
+        print(f"  {path.stem}: the service runs {backends[path.stem].label} ({backends[path.stem].reason}); "
+              f"each backend's bare forward, {threads} thread(s), batch {settings.max_batch_size}, one run: " +
+              ", ".join(f"{label} {rate:.0f}/s" for label, rate in rates.items()), flush=True)
 
     # The machine's speed drifts by up to ~25 % within minutes (a shared host), so each model's bare
     # forward is measured right before and right after its service runs, and the bound takes the
@@ -223,7 +241,7 @@ def main() -> None:
 
     def bare_forward(name: str) -> None:
         print(f"  bare batched forward ({'before' if not rounds[name] else 'after'} the service runs):", flush=True)
-        rounds[name].append(bare_forward_rates(path_of[name], loaded[name], settings, plan))
+        rounds[name].append(bare_forward_rates(path_of[name], loaded[name], settings, plan, backends[name]))
 
     def serve_and_measure(name: str, command: list[str], port: int, ready: str, urls: dict[str, str],
                           env: dict[str, str] | None = None, batched: bool = False,
@@ -321,17 +339,26 @@ def summarize(report: dict, top: int) -> dict:
 
 
 def print_table(report: dict, concurrency: list[int], top: int) -> None:
-    print("\n| model | server | concurrency | requests/s | p50 ms | p95 ms | p99 ms |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    rows = [("—", "receive-only (HTTP ceiling)", report["ceiling"]["upload"]),
-            ("—", "receive-only, raw body", report["ceiling"]["raw_body"])]
+    print("\n| model | server | backend | concurrency | requests/s | p50 ms | p95 ms | p99 ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    rows = [("—", "receive-only (HTTP ceiling)", "—", report["ceiling"]["upload"]),
+            ("—", "receive-only, raw body", "—", report["ceiling"]["raw_body"])]
     for name, m in report["models"].items():
-        rows += [(name, "signserve (batched)", m["service"]), (name, "plain handler", m["plain"])]
-    for model, server, runs in rows:
+        chosen = m.get("backend", {})
+        rows += [(name, "signserve (batched)", f"{chosen.get('backend', 'torch')}-{chosen.get('precision', 'fp32')}",
+                  m["service"]), (name, "plain handler", "torch-fp32", m["plain"])]
+    for model, server, backend, runs in rows:
         for c in concurrency:
             r = runs[str(c)]
-            print(f"| {model} | {server} | {c} | {r['requests_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} "
-                  f"| {r['p99_ms']:.2f} |")
+            print(f"| {model} | {server} | {backend} | {c} | {r['requests_per_s']:.0f} | {r['p50_ms']:.2f} "
+                  f"| {r['p95_ms']:.2f} | {r['p99_ms']:.2f} |")
+    print("\n| model | backend | bare forward images/s (one interleaved run) | served |")
+    print("|---|---|---:|---|")
+    for name, m in report["models"].items():
+        chosen = m.get("backend", {})
+        for label, rate in m.get("backend_bare_forward_images_per_s", {}).items():
+            served = label == f"{chosen.get('backend')}-{chosen.get('precision')}"
+            print(f"| {name} | {label} | {rate:.0f} | {'yes' if served else ''} |")
     print()
     for name, m in report["models"].items():
         s = report["summary"][name]

@@ -55,10 +55,12 @@ class LiveServer:
 
 
 def start_server(checkpoint_dir: Path, log_path: Path, **settings: str | int | float) -> LiveServer:
-    """`python -m app` with SIGNSERVE_* settings on a free loopback port; returns once /readyz is 200."""
+    """`python -m app` with SIGNSERVE_* settings (backend torch unless given) on a free loopback port;
+    returns once /readyz is 200."""
     port = free_port()
+    # torch unless a test asks for another backend: choosing one exports and measures (tests/test_backends.py)
     env = {**os.environ, "SIGNSERVE_HOST": "127.0.0.1", "SIGNSERVE_PORT": str(port),
-           "SIGNSERVE_CHECKPOINT_DIR": str(checkpoint_dir)}
+           "SIGNSERVE_CHECKPOINT_DIR": str(checkpoint_dir), "SIGNSERVE_BACKEND": "torch"}
     env.update({f"SIGNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
     log_file = open(log_path, "wb")
     process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log_file,

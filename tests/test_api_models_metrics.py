@@ -9,7 +9,7 @@ from PIL import Image
 from models.checkpoint import METRIC_FIELDS, file_sha256, metrics_csv, safe_load
 
 MODEL_FIELDS = {"name", "architecture", "parameters", "input_size", "test_accuracy", "epochs", "start_weights",
-                "checkpoint_sha256", "device"}
+                "checkpoint_sha256", "device", "backend"}
 
 
 def checkpoint(server, name: str) -> dict:
@@ -32,6 +32,8 @@ def test_models_list_describes_every_checkpoint(server, client):
         assert info["checkpoint_sha256"] == file_sha256(server.checkpoint_dir / f"{info['name']}.pt")
         assert info["parameters"] > 100_000
         assert info["device"] in ("cpu", "cuda", "cuda:0")
+        # the suite's server runs torch (tests/conftest.py); other backends: tests/test_backends.py
+        assert info["backend"]["backend"] == "torch" and info["backend"]["reason"] == "SIGNSERVE_BACKEND=torch"
     best = max(body["models"], key=lambda m: m["test_accuracy"])
     assert body["default"] == best["name"]
 

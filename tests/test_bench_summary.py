@@ -46,3 +46,28 @@ def test_cpu_budget_and_floor():
     # raw-body receive 0.3 + parsing, decoding and answering 0.2 + the cheaper forward configuration 1.2
     assert s["cpu_floor_ms_per_request"] == pytest.approx(1.7)
     assert s["cpu_floor_limit_over_bound"] == pytest.approx(2000 / 1.7 / 1600)
+
+
+def test_the_table_names_each_backend(capsys):
+    from bench.__main__ import print_table
+
+    report = _report(bare_single=1200, bare_plan=1600, service_c32=800)
+    cnn = report["models"]["cnn"]
+    cnn["service"]["1"]["p95_ms"] = cnn["service"]["1"]["p99_ms"] = 6.0
+    for runs in (cnn["service"], cnn["plain"], report["ceiling"]["upload"], report["ceiling"]["raw_body"]):
+        for run in runs.values():
+            run.update(p95_ms=run.get("p95_ms", 6.0), p99_ms=run.get("p99_ms", 7.0), p50_ms=run["p50_ms"])
+    cnn["plain"]["1"] = cnn["plain"]["32"]
+    report["ceiling"]["upload"]["1"] = report["ceiling"]["upload"]["32"]
+    report["ceiling"]["raw_body"]["1"] = report["ceiling"]["raw_body"]["32"]
+    cnn["backend"] = {"backend": "openvino", "precision": "fp32"}
+    cnn["backend_bare_forward_images_per_s"] = {"torch-fp32": 300.0, "onnxruntime-fp32": 450.0, "openvino-fp32": 600.0}
+    cnn["bare_forward_rounds"] = [{"single": {"images_per_s": 1200.0}, "plan": {"images_per_s": 1600.0}}]
+    report["machine"].update(processor="x86_64", torch="2", torch_threads=2, device="cpu", loadavg_start=0.1,
+                             loadavg_end=0.2, service_plan={"instances": 2, "processes": True, "torch_threads": 1})
+    report["summary"] = summarize(report, top=32)
+    print_table(report, [1, 32], 32)
+    out = capsys.readouterr().out
+    assert "| cnn | signserve (batched) | openvino-fp32 | 32 | 800 |" in out
+    assert "| cnn | plain handler | torch-fp32 | 32 | 150 |" in out
+    assert "| cnn | openvino-fp32 | 600 | yes |" in out and "| cnn | torch-fp32 | 300 |  |" in out

@@ -7,37 +7,44 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.dependencies import get_loaded_model, get_registry, get_service
+from app.dependencies import get_loaded_model, get_ready_service, get_registry
 from app.plots import training_curves_png
 from app.registry import ModelRegistry
 from app.schemas.health import ErrorResponse
+from app.schemas.models import BackendInfo, EpochMetrics, ModelInfo, ModelList, TrainingMetrics
 from app.service import Service
-from app.schemas.models import EpochMetrics, ModelInfo, ModelList, TrainingMetrics
+from models.backends import BackendRecord
 from models.checkpoint import METRIC_FIELDS, LoadedModel, metrics_csv
 
 router = APIRouter(prefix="/v1/models", tags=["models"],
                    responses={503: {"model": ErrorResponse, "description": "models still loading"}})
 
 Model = Annotated[LoadedModel, Depends(get_loaded_model)]
+ReadyService = Annotated[Service, Depends(get_ready_service)]
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown model"}}
 
 
-def model_info(m: LoadedModel) -> ModelInfo:
+def model_info(m: LoadedModel, backend: BackendRecord | None) -> ModelInfo:
     return ModelInfo(name=m.name, architecture=m.architecture, parameters=m.parameters,
                      input_size=m.preprocessing.input_size, test_accuracy=m.test_accuracy, epochs=len(m.metrics),
-                     start_weights=m.start_weights, checkpoint_sha256=m.sha256, device=str(m.device))
+                     start_weights=m.start_weights, checkpoint_sha256=m.sha256, device=str(m.device),
+                     backend=BackendInfo(**backend.to_dict()) if backend else None)
+
+
+def _backend(service: Service, name: str) -> BackendRecord | None:
+    served = service.models.get(name)
+    return served.backend if served else None
 
 
 @router.get("", response_model=ModelList, summary="The served models")
-def list_models(registry: Annotated[ModelRegistry, Depends(get_registry)],
-                service: Annotated[Service, Depends(get_service)]) -> ModelList:
-    return ModelList(models=[model_info(registry.get(n)) for n in registry.names()],
+def list_models(registry: Annotated[ModelRegistry, Depends(get_registry)], service: ReadyService) -> ModelList:
+    return ModelList(models=[model_info(registry.get(n), _backend(service, n)) for n in registry.names()],
                      default=registry.best() if len(registry) else None, skipped=service.skipped())
 
 
 @router.get("/{name}", response_model=ModelInfo, responses=NOT_FOUND, summary="One served model")
-def get_model(model: Model) -> ModelInfo:
-    return model_info(model)
+def get_model(model: Model, service: ReadyService) -> ModelInfo:
+    return model_info(model, _backend(service, model.name))
 
 
 @router.get("/{name}/metrics", response_model=TrainingMetrics, responses=NOT_FOUND,

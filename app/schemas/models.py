@@ -5,6 +5,22 @@ from pydantic import BaseModel, Field
 from app.schemas.health import SkippedCheckpoint
 
 
+class BackendInfo(BaseModel):
+    backend: str = Field(..., description="the forward's runtime: torch, onnxruntime or openvino")
+    precision: str = Field(..., description="fp32, bf16 (CPUs with native bf16) or fp16 (CUDA)")
+    reason: str = Field(..., description="why this backend: the measured speed-up, or why it fell back")
+    threads: int = Field(..., description="intra-op threads per forward it was measured with")
+    images_per_s: dict[str, float] = Field(..., description="bare batched forward of each candidate that "
+                                                            "passed parity, measured in one run at start-up")
+    parity: dict[str, dict] = Field(..., description="each candidate's outputs against torch fp32 on real "
+                                                     "GTSRB test images")
+    rejected: dict[str, str] = Field(..., description="candidates not served, and why")
+    test_accuracy: dict[str, float] = Field(..., description="the served variant's accuracy on the GTSRB test "
+                                                             "split, measured when it was chosen (compare with "
+                                                             "the model's test_accuracy from training)")
+    cached: bool = Field(..., description="the choice was read from the cache, made at an earlier start")
+
+
 class ModelInfo(BaseModel):
     name: str = Field(..., description="the checkpoint's file stem; use it as ?model= and in /v1/models/{name}")
     architecture: str
@@ -15,6 +31,7 @@ class ModelInfo(BaseModel):
     start_weights: str = Field(..., description="random, or imagenet for a fine-tuned torchvision model")
     checkpoint_sha256: str
     device: str = Field(..., description="where the model runs: cpu, cuda:0, ...")
+    backend: BackendInfo | None = Field(None, description="what runs the forward pass, and why")
 
 
 class ModelList(BaseModel):

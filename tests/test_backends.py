@@ -1,0 +1,285 @@
+"""The forward's backends (models.backends): every installed runtime gives torch fp32's answers on real
+GTSRB images, and on real GTSDB frames of any size for the detector (three outputs); the choice is cached,
+and a runtime that cannot import, export, load or agree with torch falls back to torch, saying why."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from app.engine import Predictor, classifier_job
+from models.backends import (BACKENDS, TORCH_FP32, BackendRecord, Job, installed, load_forward, output_parity,
+                             select, torch_forward)
+from models.checkpoint import load_checkpoint
+from models.export import InputSpec, read_metadata
+from models.preprocessing import Preprocessing, normalize
+from training.data import default_data_root
+
+RUNTIMES = [b for b in BACKENDS if b != "torch" and installed(b)]
+GTSDB_IMAGES = Path(default_data_root()) / "gtsdb" / "images"  # beside gtsrb/
+
+
+def job_for(name: str, checkpoint_snapshot, tmp_path, parity_images: int, accuracy: bool = False) -> tuple:
+    loaded = load_checkpoint(checkpoint_snapshot / f"{name}.pt", name=name)
+    job = classifier_job(loaded, tmp_path / "cache", batch_size=32, parity_images=parity_images)
+    job.measure_seconds = 0.3
+    if not accuracy:
+        job.accuracy = None
+    return loaded, job
+
+
+def real_batch(loaded, n: int, offset: int = 3000) -> torch.Tensor:
+    """n real GTSRB test images (uint8) from past the first `offset`, as the service receives them."""
+    from training.data import default_data_root, load_split
+
+    split = load_split(default_data_root(), "test", loaded.preprocessing)
+    return split.images[offset:offset + n]
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_each_runtime_answers_like_torch_on_real_images(name, backend, checkpoint_snapshot, tmp_path,
+                                                        gtsrb_test_samples):
+    loaded, job = job_for(name, checkpoint_snapshot, tmp_path, parity_images=500 if name == "cnn" else 64,
+                          accuracy=name == "cnn")
+    forward, record = select(loaded.model, job, request=backend, threads=1)
+    assert (record.backend, record.precision) == (backend, "fp32"), record
+    figures = record.parity[record.label]
+    assert figures["top1_mismatches"] == 0 and figures["max_abs_prob_diff"] <= 1e-4, figures
+    assert figures["images"] == (500 if name == "cnn" else 64)
+    assert set(record.images_per_s) >= {TORCH_FP32.label, record.label}
+    # other real images, at batch sizes the export never saw, through the service's own Predictor
+    predictor = Predictor(loaded, backend=record, threads=1)
+    reference = Predictor(loaded, backend=None, threads=1)
+    assert predictor.backend == record.label
+    for size in (1, 7, 33):
+        images = real_batch(loaded, size)
+        got, want = predictor(images), reference(images)
+        assert torch.equal(got.argmax(1), want.argmax(1))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    if name == "cnn":  # the served variant's held-out accuracy, within 0.1 point of training's figure
+        assert abs(record.test_accuracy[record.label] - loaded.test_accuracy) <= 0.001, record.test_accuracy
+    metadata = read_metadata(record.artifact)
+    assert json.loads(metadata["preprocessing"]) == loaded.preprocessing.to_dict()
+    assert json.loads(metadata["class_names"]) == loaded.class_names
+
+
+def frames(size: tuple[int, int], count: int, first: int = 0) -> torch.Tensor:
+    """Real GTSDB street frames resized to `size` (width, height), normalised."""
+    paths = sorted(Path(GTSDB_IMAGES).glob("*.jpg"))[first:first + count]
+    if len(paths) < count:
+        pytest.skip(f"no GTSDB frames in {GTSDB_IMAGES}")
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(torch.from_numpy(np.array(image.convert("RGB").resize(size))).permute(2, 0, 1))
+    return normalize(torch.stack(images), Preprocessing())
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_the_detector_on_whole_frames_of_any_size(backend, tmp_path):
+    """The street-scene detector (fully convolutional, three outputs) exported with dynamic height and
+    width, checked on real GTSDB frames of two sizes, then run at sizes it never saw, a whole
+    1360x800 frame (padded to 1376x800) among them."""
+    from models.detector import SignDetector, pad_to_multiple
+
+    torch.manual_seed(0)
+    module = SignDetector().eval()
+    spec = InputSpec((1, 3, 192, 320), dynamic_axes=(0, 2, 3))
+    parity = [frames((320, 192), 2), frames((256, 160), 1, first=2)]
+    job = Job("f" * 64, spec, parity, parity[0][:1], tmp_path, parity=output_parity, measure_seconds=0.3)
+    forward, record = select(module, job, request=backend, threads=1)
+    assert record.backend == backend, record
+    assert record.parity[record.label]["max_rel_diff"] <= 1e-4
+    reference = torch_forward(module, torch.device("cpu"))
+    for batch in (frames((416, 256), 2, first=5), pad_to_multiple(frames((1360, 800), 1, first=9))):
+        got, want = forward(batch), reference(batch)
+        assert isinstance(got, tuple) and len(got) == 3
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, atol=1e-4 * float(w.abs().max()), rtol=1e-4)
+
+
+class FlipsSmallBatches(nn.Module):
+    """Branches on its input in Python: tracing exporters keep the branch the example batch took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(8, 43))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        return logits if x.shape[0] > 16 else logits.flip(1)
+
+
+class SpectralNet(nn.Module):
+    """An FFT layer: the ONNX exporter has no rfft2 at opset 17."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft2(x).abs().mean((2, 3)).repeat(1, 15)[:, :43]
+
+
+def sign_batches(checkpoint_snapshot, sizes=(32, 8)) -> list[torch.Tensor]:
+    loaded = load_checkpoint(checkpoint_snapshot / "cnn.pt")
+    images = real_batch(loaded, sum(sizes), offset=0)
+    batches, start = [], 0
+    for size in sizes:
+        batches.append(normalize(images[start:start + size], loaded.preprocessing))
+        start += size
+    return batches
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNTIMES, reason="onnxruntime not installed")
+def test_a_runtime_that_fails_parity_falls_back_to_torch(checkpoint_snapshot, tmp_path, caplog):
+    module = FlipsSmallBatches().eval()
+    batches = sign_batches(checkpoint_snapshot)
+    job = Job("a" * 64, InputSpec((32, 3, 32, 32)), batches, batches[0], tmp_path, measure_seconds=0.3)
+    with caplog.at_level(logging.WARNING, logger="signserve"):
+        forward, record = select(module, job, request="onnxruntime", threads=1)
+    assert record.label == "torch-fp32"
+    assert record.rejected["onnxruntime-fp32"].startswith("parity: top-1 differs"), record.rejected
+    assert record.parity["onnxruntime-fp32"]["top1_mismatches"] == 8  # the small batch, flipped by torch only
+    assert "onnxruntime rejected" in caplog.text
+    with torch.inference_mode():
+        served, torch_answer = forward(batches[1]), module(batches[1])  # the answers served are torch's
+    assert torch.equal(served.argmax(1), torch_answer.argmax(1))
+    torch.testing.assert_close(served, torch_answer, atol=1e-5, rtol=1e-5)
+
+
+def test_a_runtime_that_cannot_export_or_import_falls_back_to_torch(checkpoint_snapshot, tmp_path, monkeypatch):
+    batches = sign_batches(checkpoint_snapshot)
+    spec = InputSpec((32, 3, 32, 32))
+    if "onnxruntime" in RUNTIMES:
+        job = Job("b" * 64, spec, batches, batches[0], tmp_path, measure_seconds=0.3)
+        _, record = select(SpectralNet(), job, request="onnxruntime", threads=1)
+        assert record.label == "torch-fp32"
+        assert "UnsupportedOperatorError" in record.rejected["onnxruntime-fp32"], record.rejected
+        assert "onnxruntime rejected" in record.reason
+    for runtime in ("onnxruntime", "openvino"):
+        monkeypatch.setitem(sys.modules, runtime, None)  # `import` now raises ImportError
+        job = Job("c" * 64, spec, batches, batches[0], tmp_path, measure_seconds=0.3)
+        _, record = select(FlipsSmallBatches().eval(), job, request=runtime, threads=1)
+        assert record.label == "torch-fp32"
+        assert record.rejected[f"{runtime}-fp32"] == f"failed: ImportError: {runtime} is not installed"
+
+
+def test_without_real_images_torch_is_kept(tmp_path, caplog):
+    example = torch.zeros(4, 3, 32, 32)
+    job = Job("d" * 64, InputSpec((4, 3, 32, 32)), [], example, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="signserve"):
+        _, record = select(FlipsSmallBatches().eval(), job, threads=1)
+    assert record.label == "torch-fp32" and "no real images" in record.reason
+    assert "no real images" in caplog.text
+
+
+def test_a_record_whose_file_is_gone_loads_torch(checkpoint_snapshot, caplog):
+    loaded = load_checkpoint(checkpoint_snapshot / "cnn.pt")
+    record = BackendRecord("openvino", "fp32", artifact="/nonexistent/model.xml")
+    with caplog.at_level(logging.WARNING, logger="signserve"):
+        forward, label = load_forward(record, loaded.model, torch.device("cpu"), threads=1, name="cnn")
+    assert label == "torch-fp32"
+    assert "openvino-fp32 could not be loaded" in caplog.text
+    batch = normalize(real_batch(loaded, 4), loaded.preprocessing)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(batch), loaded.model(batch))
+
+
+@pytest.mark.skipif(not RUNTIMES, reason="no runtime besides torch installed")
+def test_the_choice_is_cached_and_a_broken_cache_is_redone(checkpoint_snapshot, tmp_path, caplog,
+                                                           gtsrb_test_samples):
+    loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=64)
+    runtime = RUNTIMES[0]
+    _, first = select(loaded.model, job, request=runtime, threads=1)
+    assert first.label == f"{runtime}-fp32" and not first.cached
+    _, second = select(loaded.model, job, request=runtime, threads=1)
+    assert second.cached and second.label == first.label and second.images_per_s == first.images_per_s
+    with open(first.artifact, "r+b") as f:  # a damaged export: the cached choice must not be trusted
+        f.truncate(100)
+    with caplog.at_level(logging.WARNING, logger="signserve"):
+        forward, third = select(loaded.model, job, request=runtime, threads=1)
+    assert "choosing again" in caplog.text
+    assert not third.cached and third.label == first.label
+    batch = job.parity_batches[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(batch), loaded.model(batch), atol=1e-4, rtol=1e-4)
+
+
+def test_the_service_serves_the_chosen_backend_and_shows_it(checkpoint_snapshot, tmp_path, sign_png, sign_image):
+    """`python -m app` with SIGNSERVE_BACKEND=auto over HTTP: the choice in /v1/models, the metrics and the
+    log, the worker processes answering through it, and a second start reading it from the cache."""
+    from conftest import start_server
+    from helpers import files
+
+    only_cnn = tmp_path / "checkpoints"
+    only_cnn.mkdir()
+    (only_cnn / "cnn.pt").write_bytes((checkpoint_snapshot / "cnn.pt").read_bytes())
+    settings = {"backend": "auto", "backend_cache_dir": tmp_path / "cache", "backend_parity_images": 64,
+                "device": "cpu", "worker_processes": "true", "warmup": "false"}
+    loaded = load_checkpoint(only_cnn / "cnn.pt", name="cnn")
+    for start in ("first", "second"):
+        server = start_server(only_cnn, tmp_path / f"{start}.log", **settings)
+        try:
+            with server.client() as client:
+                info = client.get("/v1/models/cnn").json()
+                backend = info["backend"]
+                label = f"{backend['backend']}-{backend['precision']}"
+                assert backend["cached"] == (start == "second")
+                assert label in backend["images_per_s"] and "torch-fp32" in backend["images_per_s"]
+                assert abs(backend["test_accuracy"][label] - info["test_accuracy"]) <= 0.001
+                for tried in RUNTIMES:
+                    assert f"{tried}-fp32" in backend["parity"] or f"{tried}-fp32" in backend["rejected"]
+                metrics = client.get("/metrics").text
+                assert (f'backend="{backend["backend"]}"' in metrics and
+                        f'precision="{backend["precision"]}"' in metrics)
+                answer = client.post("/v1/predict?model=cnn&top_k=43", files=files(("sign.png", sign_png)))
+                assert answer.status_code == 200, answer.text
+            log = server.log()
+        finally:
+            server.stop()
+        assert f"cnn runs on {label}" in log and ("(cached choice)" in log) == (start == "second")
+    from models.preprocessing import image_to_uint8
+
+    want = Predictor(loaded, backend=None, threads=1)(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
+    got = {p["class_id"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
+    assert max(got, key=got.get) == int(want.argmax())
+    assert max(abs(got[i] - float(want[i])) for i in got) <= 1e-4
+
+
+def test_reduced_precision_is_tried_only_where_the_cpu_has_it():
+    from models.backends import candidates
+
+    cpu = torch.device("cpu")
+    plain = [c.label for c in candidates("auto", cpu, {"avx2", "fma"})]
+    assert plain == ["torch-fp32", "onnxruntime-fp32", "openvino-fp32"]
+    amx = [c.label for c in candidates("auto", cpu, {"avx512f", "amx_bf16", "amx_tile"})]
+    assert amx == ["torch-fp32", "torch-bf16", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16"]
+    assert [c.label for c in candidates("openvino", cpu, {"avx512_bf16"})] == ["torch-fp32", "openvino-fp32",
+                                                                               "openvino-bf16"]
+    assert [c.label for c in candidates("auto", torch.device("cuda"), set())] == ["torch-fp16"]
+    with pytest.raises(ValueError, match="unknown backend"):
+        candidates("tensorrt", cpu, set())
+
+
+def test_torch_bf16_is_judged_by_the_bf16_tolerance(checkpoint_snapshot, gtsrb_test_samples):
+    """bf16 autocast (emulated on a CPU without it, so only the rule is checked here, not the speed)."""
+    from models.backends import PROBABILITY_TOLERANCE, classifier_parity
+
+    loaded = load_checkpoint(checkpoint_snapshot / "cnn.pt")
+    batch = normalize(real_batch(loaded, 64), loaded.preprocessing)
+    reference = [torch_forward(loaded.model, torch.device("cpu"))(batch)]
+    reduced = [torch_forward(loaded.model, torch.device("cpu"), "bf16")(batch)]
+    strict, lenient = classifier_parity(reference, reduced, "fp32"), classifier_parity(reference, reduced, "bf16")
+    diff = lenient.figures["max_abs_prob_diff"]
+    assert PROBABILITY_TOLERANCE["fp32"] < diff  # bf16 really ran: it moves probabilities beyond fp32's bound
+    assert not strict.ok and lenient.ok == (diff <= PROBABILITY_TOLERANCE["bf16"] and
+                                            lenient.figures["top1_mismatches"] == 0)
