@@ -153,7 +153,7 @@ def app_client(checkpoint_dir: Path, **settings) -> Iterator["TestClient"]:
     from app.settings import Settings
 
     config = Settings(checkpoint_dir=checkpoint_dir, worker_processes=False, warmup=False, instances=1,
-                      **settings)
+                      **{"backend": "torch", **settings})  # torch unless asked: see start_server
     with TestClient(create_app(config), raise_server_exceptions=False) as client:
         deadline = time.monotonic() + 120
         while client.get("/readyz").status_code != 200:

@@ -255,6 +255,29 @@ def test_the_service_serves_the_chosen_backend_and_shows_it(checkpoint_snapshot,
     assert max(abs(got[i] - float(want[i])) for i in got) <= 1e-4
 
 
+
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="openvino not installed")
+def test_the_in_process_engine_runs_the_requested_backend(checkpoint_snapshot, tmp_path, sign_png, sign_image):
+    """Forwards in threads (no worker processes): SIGNSERVE_BACKEND=openvino serves OpenVINO's answers."""
+    from conftest import app_client
+    from helpers import files
+    from models.preprocessing import image_to_uint8
+
+    only_cnn = tmp_path / "checkpoints"
+    only_cnn.mkdir()
+    (only_cnn / "cnn.pt").write_bytes((checkpoint_snapshot / "cnn.pt").read_bytes())
+    with app_client(only_cnn, backend="openvino", backend_cache_dir=tmp_path / "cache",
+                    backend_parity_images=64) as client:
+        backend = client.get("/v1/models/cnn").json()["backend"]
+        assert (backend["backend"], backend["precision"]) == ("openvino", "fp32"), backend
+        assert backend["parity"]["openvino-fp32"]["top1_mismatches"] == 0
+        answer = client.post("/v1/predict?model=cnn&top_k=43", files=files(("sign.png", sign_png))).json()
+    loaded = load_checkpoint(only_cnn / "cnn.pt")
+    want = Predictor(loaded, threads=1)(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
+    got = {p["class_id"]: p["probability"] for p in answer["results"][0]["predictions"]}
+    assert max(got, key=got.get) == int(want.argmax())
+    assert max(abs(got[i] - float(want[i])) for i in got) <= 1e-4
+
 def test_reduced_precision_is_tried_only_where_the_cpu_has_it():
     from models.backends import candidates
 
