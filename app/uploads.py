@@ -4,8 +4,8 @@ Starlette's form parser spools every file to a temporary file before the route s
 over-sized upload is only noticed after it has been received in full. This reader counts bytes as
 they arrive and stops at the first file over the limit, the first file over the count limit, or a
 body larger than both limits allow; it keeps each accepted file in memory (at most the limit).
-A small body with a declared length (up to 256 kB, e.g. a cropped sign image) is read whole first
-and split in memory, which is cheaper; both paths feed the same limit-checking collector.
+Every body, small or large, whole or in chunks, goes through the same splitter (`MultipartSplitter`),
+so what is accepted never depends on the body's size.
 """
 
 from __future__ import annotations
@@ -16,16 +16,13 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from app.http_limits import allow_body_bytes
-from python_multipart import MultipartParser
-from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
 # Room for part headers and boundaries on top of the file bytes themselves.
 PART_OVERHEAD_BYTES = 16 * 1024
 
-# A body whose declared length is at most this is read whole and split in memory with `bytes.find`:
-# python-multipart walks the part headers byte by byte in Python, the reader's main cost in profiles.
-IN_MEMORY_BODY_BYTES = 256 * 1024
+# A part's header lines, at most (a real client sends ~100-300 bytes).
+MAX_PART_HEADER_BYTES = 8 * 1024
 
 
 @dataclass
@@ -124,36 +121,143 @@ def _malformed(reason: str) -> UploadRejected:
     return UploadRejected(400, f"malformed multipart body: {reason}")
 
 
-def split_in_memory(body: bytes, boundary: bytes, collector: _Collector) -> None:
-    """Feed a complete multipart body (RFC 7578) to `collector`, the same callbacks in the same order
-    as python-multipart's streaming parser makes them."""
-    delimiter = b"--" + boundary
-    if not body.startswith(delimiter):  # python-multipart takes no preamble either
-        raise _malformed("it does not start with the boundary")
-    position = len(delimiter)
-    while not body.startswith(b"--", position):
-        line_end = body.find(b"\r\n", position)
-        if line_end < 0 or body[position:line_end].strip(b" \t"):
-            raise _malformed("expected a line break after the boundary")
-        headers_end = body.find(b"\r\n\r\n", line_end)
-        if headers_end < 0:
-            raise _malformed("a part's headers do not end")
-        collector.on_part_begin()
-        for line in body[line_end + 2:headers_end].split(b"\r\n") if headers_end > line_end else ():
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise _malformed(f"header line without a colon: {line[:40]!r}")
-            collector.on_header_field(name, 0, len(name))
-            value = value.strip()
-            collector.on_header_value(value, 0, len(value))
-            collector.on_header_end()
-        collector.on_headers_finished()
-        data_end = body.find(b"\r\n" + delimiter, headers_end + 4)
-        if data_end < 0:
+# RFC 7230 token characters: a header name is made of these, with nothing between it and its colon.
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_PADDING = b" \t"  # RFC 2046 transport padding, allowed between a boundary and its line break
+_NEED_MORE, _CLOSING, _NOT_A_BOUNDARY = -1, -2, -3
+
+
+class MultipartSplitter:
+    """An incremental multipart/form-data (RFC 7578) splitter: `feed` chunks of any size, then `close`.
+
+    It makes python-multipart's callbacks on the collector. The same code reads every body, whole or
+    in chunks, so what is accepted cannot depend on the body's size: the body starts with the
+    boundary (no preamble); a boundary line is the boundary, optional spaces or tabs, CRLF (or `--`
+    to close); header lines are `name: value` with a token name; a part's headers stay under
+    MAX_PART_HEADER_BYTES; part data ends at CRLF + a boundary line (a boundary followed by anything
+    else is data); what follows the closing boundary is ignored. Boundaries are found with
+    `bytes.find`, far cheaper than walking the bytes in Python."""
+
+    def __init__(self, boundary: bytes, collector: _Collector) -> None:
+        self.collector = collector
+        self.delimiter = b"--" + boundary
+        self.data_delimiter = b"\r\n" + self.delimiter
+        self.buffer = bytearray()
+        self.state = "start"  # start -> headers -> data -> headers -> data ... -> end
+
+    def feed(self, chunk: bytes) -> None:
+        if self.state != "end":
+            self.buffer += chunk
+            while self._step():
+                pass
+
+    def close(self) -> None:
+        if self.state != "end":
             raise _malformed("it ends before the closing boundary")
-        collector.on_part_data(body, headers_end + 4, data_end)
-        position = data_end + 2 + len(delimiter)
-    collector.on_end()
+
+    def _boundary_line(self, at: int) -> int:
+        """What follows a boundary that ends at `at`: the offset of the next part's headers, or
+        _CLOSING, _NOT_A_BOUNDARY, or _NEED_MORE when the buffered bytes cannot tell yet."""
+        buffer = self.buffer
+        if len(buffer) < at + 2:
+            return _NEED_MORE
+        if buffer[at:at + 2] == b"--":
+            return _CLOSING
+        end = at
+        while end < len(buffer) and buffer[end] in _PADDING:
+            end += 1
+        if end - at > MAX_PART_HEADER_BYTES:
+            return _NOT_A_BOUNDARY
+        if len(buffer) < end + 2:
+            return _NEED_MORE
+        return end + 2 if buffer[end:end + 2] == b"\r\n" else _NOT_A_BOUNDARY
+
+    def _step(self) -> bool:
+        """Advance as far as the buffered bytes allow; True when there may be more to do."""
+        if self.state == "start":
+            return self._start()
+        if self.state == "headers":
+            return self._headers()
+        if self.state == "data":
+            return self._data()
+        return False
+
+    def _start(self) -> bool:
+        buffer = self.buffer
+        if not buffer.startswith(self.delimiter[:len(buffer)]) or \
+                (len(buffer) >= len(self.delimiter) and not buffer.startswith(self.delimiter)):
+            raise _malformed("it does not start with the boundary")
+        if len(buffer) < len(self.delimiter):
+            return False
+        after = self._boundary_line(len(self.delimiter))
+        if after == _NEED_MORE:
+            return False
+        if after == _NOT_A_BOUNDARY:
+            raise _malformed("expected a line break after the boundary")
+        if after == _CLOSING:
+            return self._finish()
+        del buffer[:after]
+        self.state = "headers"
+        return True
+
+    def _headers(self) -> bool:
+        buffer, c = self.buffer, self.collector
+        if buffer.startswith(b"\r\n"):
+            end, block = 0, b""  # a part without headers
+        else:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_PART_HEADER_BYTES:
+                    raise _malformed(f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+                return False
+            if end > MAX_PART_HEADER_BYTES:
+                raise _malformed(f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+            block = bytes(buffer[:end])
+            end += 2
+        c.on_part_begin()
+        for line in block.split(b"\r\n") if block else ():
+            name, colon, value = line.partition(b":")
+            if not colon or not name or not _TOKEN.issuperset(name):
+                raise _malformed(f"bad header line in a part: {line[:40]!r}")
+            value = value.strip(_PADDING)
+            c.on_header_field(name, 0, len(name))
+            c.on_header_value(value, 0, len(value))
+            c.on_header_end()
+        c.on_headers_finished()
+        del buffer[:end + 2]
+        self.state = "data"
+        return True
+
+    def _emit(self, length: int) -> None:
+        if length > 0:
+            self.collector.on_part_data(bytes(self.buffer[:length]), 0, length)
+            del self.buffer[:length]
+
+    def _data(self) -> bool:
+        buffer, search_from = self.buffer, 0
+        while True:
+            found = buffer.find(self.data_delimiter, search_from)
+            if found < 0:  # keep what may be the start of a delimiter cut across chunks
+                self._emit(len(buffer) - min(len(buffer), len(self.data_delimiter) - 1))
+                return False
+            after = self._boundary_line(found + len(self.data_delimiter))
+            if after == _NOT_A_BOUNDARY:
+                search_from = found + 1
+                continue
+            self._emit(found)
+            if after == _NEED_MORE:
+                return False
+            if after == _CLOSING:
+                return self._finish()
+            del buffer[:after - found]
+            self.state = "headers"
+            return True
+
+    def _finish(self) -> bool:
+        self.state = "end"
+        self.buffer.clear()  # the epilogue, ignored by the spec
+        self.collector.on_end()
+        return False
 
 
 async def read_files(content_type: str | None, content_length: str | None, stream: AsyncIterator[bytes], *,
@@ -172,10 +276,17 @@ async def read_files(content_type: str | None, content_length: str | None, strea
         raise UploadRejected(413, f"request body of {declared} bytes is larger than "
                                   f"{max_files} files of {_megabytes(max_bytes)} can be")
     collector = _Collector(field_name, max_files, max_bytes)
-    if declared is not None and declared <= IN_MEMORY_BODY_BYTES:
-        split_in_memory(await _read_at_most(stream, declared), boundary, collector)
-    else:
-        await _parse_streaming(stream, boundary, collector, max_body, max_files, max_bytes)
+    splitter = MultipartSplitter(boundary, collector)
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > max_body:
+            raise UploadRejected(413, f"request body is larger than {max_files} files of "
+                                      f"{_megabytes(max_bytes)} can be")
+        splitter.feed(chunk)
+        if collector.finished:
+            break  # anything after the closing boundary is an epilogue, ignored by the spec
+    splitter.close()
     if not collector.finished:
         raise _malformed("it ends before the closing boundary")
     if not collector.files:
@@ -189,32 +300,3 @@ async def read_request_files(request: Request, *, field_name: str, max_files: in
     allow_body_bytes(request, None)
     return await read_files(request.headers.get("content-type"), request.headers.get("content-length"),
                             request.stream(), field_name=field_name, max_files=max_files, max_bytes=max_bytes)
-
-
-async def _read_at_most(stream: AsyncIterator[bytes], limit: int) -> bytes:
-    """The whole body, which its Content-Length says is `limit` bytes (the server enforces that)."""
-    chunks, received = [], 0
-    async for chunk in stream:
-        received += len(chunk)
-        if received > limit:
-            raise _malformed("the body is longer than its Content-Length")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _parse_streaming(stream: AsyncIterator[bytes], boundary: bytes, collector: _Collector, max_body: int,
-                           max_files: int, max_bytes: int) -> None:
-    try:
-        parser = MultipartParser(boundary, collector.callbacks())
-        received = 0
-        async for chunk in stream:
-            received += len(chunk)
-            if received > max_body:
-                raise UploadRejected(413, f"request body is larger than {max_files} files of "
-                                          f"{_megabytes(max_bytes)} can be")
-            parser.write(chunk)
-            if collector.finished:
-                break  # anything after the closing boundary is an epilogue, ignored by the spec
-        parser.finalize()
-    except FormParserError as exc:
-        raise _malformed(str(exc)) from None

@@ -1,5 +1,5 @@
-"""The multipart reader's two paths (small bodies split in memory, large or unsized bodies streamed
-through python-multipart) accept the same bodies, return the same files and refuse the same way."""
+"""The multipart reader accepts the same bodies, returns the same files and refuses the same way
+whatever the body's size and however it arrives (whole with its length, or in chunks without)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import asyncio
 import httpx
 import pytest
 
-from app.uploads import IN_MEMORY_BODY_BYTES, Upload, UploadRejected, read_files
+from app.uploads import Upload, UploadRejected, read_files
+
+LARGE_BODY_BYTES = 256 * 1024  # bodies this large were once read by another parser than small ones
 
 BOUNDARY = "b0undary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -26,7 +28,7 @@ def body(*parts: bytes, end: bytes = f"--{BOUNDARY}--\r\n".encode()) -> bytes:
 
 
 def read(data: bytes, *, sized: bool, chunk: int = 1000, max_files: int = 4, max_bytes: int = 5000):
-    """The files, or ("rejected", status) — through the in-memory path when `sized`, else streamed."""
+    """The files, or ("rejected", status): `sized` declares the length, else the body is chunked."""
     async def stream():
         for start in range(0, len(data), chunk):
             yield data[start:start + chunk]
@@ -58,6 +60,13 @@ VALID = {
     "unicode filename": body(part("file", b"A", filename="schild-ä.png")),
     "epilogue": body(part("file", b"A"), end=f"--{BOUNDARY}--\r\nignored epilogue".encode()),
     "no line break after closing": body(part("file", b"A"), end=f"--{BOUNDARY}--".encode()),
+    "transport padding after a boundary": body(part("file", b"A")).replace(f"--{BOUNDARY}\r\n".encode(),
+                                                                           f"--{BOUNDARY} \t \r\n".encode()),
+    "a boundary followed by other text inside the data": body(part("file", b"DA\r\n--" + BOUNDARY.encode() + b"xTA")),
+    "header names with digits and underscores": body(part("file", b"A").replace(
+        b"Content-Type", b"X_Header-2: v\r\nContent-Type")),
+    "a long header (under 8 kB)": body(part("file", b"A").replace(b"Content-Type", b"X-Long: " + b"v" * 5000
+                                                                    + b"\r\nContent-Type")),
 }
 
 REFUSED = {
@@ -67,6 +76,11 @@ REFUSED = {
     "headers never end": (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"".encode(), 400),
     "header without a colon": (f"--{BOUNDARY}\r\nContent-Disposition form-data\r\n\r\nA\r\n--{BOUNDARY}--".encode(), 400),
     "junk after the boundary": (f"--{BOUNDARY}junk\r\n".encode() + VALID["one file"], 400),
+    "space before a header's colon": (body(part("file", b"A").replace(b"Content-Type:", b"Content-Type :")), 400),
+    "a folded header line": (body(part("file", b"A").replace(b"Content-Type: ", b"Content-Type:\r\n ")), 400),
+    "LF line breaks": (body(part("file", b"A")).replace(b"\r\n", b"\n"), 400),
+    "part headers over 8 kB": (body(part("file", b"A").replace(b"Content-Type", b"X-Long: " + b"v" * 9000
+                                                                 + b"\r\nContent-Type")), 400),
     "no field named file": (body(part("image", b"A")), 422),
     "too many files": (body(*(part("file", b"A") for _ in range(5))), 413),
     "file over the limit": (body(part("file", b"A" * 5001)), 413),
@@ -92,6 +106,15 @@ def test_bad_bodies_are_refused_the_same_both_ways(name):
     assert both(data) == ("rejected", status)
 
 
+@pytest.mark.parametrize("name", ["transport padding after a boundary", "space before a header's colon",
+                                  "a boundary followed by other text inside the data"])
+def test_small_and_large_bodies_follow_the_same_rules(name):
+    """The same parts after a 300 kB field: a small body and a large one are accepted or refused alike."""
+    data = VALID[name] if name in VALID else REFUSED[name][0]
+    large = part("padding", b"p" * (300 * 1024), filename=None) + data
+    assert both(data, max_bytes=400_000) == both(large, max_bytes=400_000)
+
+
 def test_a_body_split_into_one_byte_chunks_reads_the_same():
     data = VALID["three files"]
     assert read(data, sized=True, chunk=1) == read(data, sized=False, chunk=1) == both(data)
@@ -105,12 +128,12 @@ def test_httpx_encoded_bodies_read_the_same_both_ways():
     boundary = content_type.split("boundary=")[1]
     assert both(data.replace(boundary.encode(), BOUNDARY.encode())) == [
         (f"{i}.png", "image/png", bytes([i]) * 3000) for i in range(3)]
-    big = [("file", ("big.bin", b"\x00" * (IN_MEMORY_BODY_BYTES + 1), "application/octet-stream"))]
+    big = [("file", ("big.bin", b"\x00" * (LARGE_BODY_BYTES + 1), "application/octet-stream"))]
     request = httpx.Request("POST", "http://x", files=big)
     data = request.read()
     async def stream():
         yield data
 
     [upload] = asyncio.run(read_files(request.headers["content-type"], str(len(data)), stream(), field_name="file",
-                                      max_files=1, max_bytes=10 * IN_MEMORY_BODY_BYTES))
-    assert isinstance(upload, Upload) and len(upload.data) == IN_MEMORY_BODY_BYTES + 1
+                                      max_files=1, max_bytes=10 * LARGE_BODY_BYTES))
+    assert isinstance(upload, Upload) and len(upload.data) == LARGE_BODY_BYTES + 1
