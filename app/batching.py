@@ -69,7 +69,7 @@ class DynamicBatcher:
                  on_batch: BatchObserver | None = None) -> None:
         if max_batch_size < 1 or queue_size < 1 or instances < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size, queue_size and instances must be >= 1, max_wait_s >= 0")
-        self.forward = forward
+        self.forward = forward  # the model's forward path; app.service.Service.forward_path says which
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
@@ -221,6 +221,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             images = [item.image for item in batch]
+            # The forward itself: a worker process's Predictor (awaited) or this process's (in a thread).
             if self._executor is None:
                 results = await self.forward(torch.stack(images))
             else:

@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol, TypeVar
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from app.errors import Rejected
 from models.preprocessing import Preprocessing, image_to_uint8
 
 # Declared width x height above which an image is refused unread: a 48-50 Mpx phone photo passes.
@@ -39,13 +40,8 @@ JPEG_DRAFT_FACTOR = 8
 T = TypeVar("T")
 
 
-class ImageRejected(ValueError):
-    """The upload is not an image we can decode; `status_code` is the HTTP status to answer with."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+class ImageRejected(Rejected):
+    """The upload is not an image we can decode."""
 
 
 def _first_line(exc: BaseException) -> str:

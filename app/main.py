@@ -13,14 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.errors import Rejected
 from app.http_limits import RequestLimitsMiddleware, validation_error_handler
-from app.imaging import ImageRejected
 from app.memory import keep_large_blocks_apart
 from app.observability import PrometheusMiddleware, ServiceMetrics
 from app.routers import calculators, health, models, predict
 from app.service import Service
 from app.settings import Settings, get_settings
-from app.uploads import UploadRejected
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("signserve")
@@ -34,7 +33,6 @@ async def lifespan(app: FastAPI):
     loading = asyncio.create_task(service.load(paths))
 
     def loaded(task: asyncio.Task) -> None:
-        app.state.registry = service.registry  # for code that reads the registry off app.state
         if not task.cancelled() and task.exception() is not None:
             log.error("loading the models failed", exc_info=task.exception())
 
@@ -46,7 +44,7 @@ async def lifespan(app: FastAPI):
         await service.close()
 
 
-async def _rejected(request: Request, exc: UploadRejected | ImageRejected) -> JSONResponse:
+async def _rejected(request: Request, exc: Rejected) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
@@ -67,13 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = ServiceMetrics()
     app.state.service = Service(settings=settings, metrics=metrics)
-    app.state.registry = app.state.service.registry
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s)
     app.add_middleware(PrometheusMiddleware, metrics=metrics)  # outermost: counts what the limits refuse too
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(UploadRejected, _rejected)
-    app.add_exception_handler(ImageRejected, _rejected)
+    app.add_exception_handler(Rejected, _rejected)
     app.add_exception_handler(Exception, _internal_error)
 
     app.include_router(predict.router)

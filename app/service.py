@@ -15,23 +15,17 @@ from pathlib import Path
 
 import torch
 
-from app.batching import DynamicBatcher
+from app.batching import DynamicBatcher, ForwardFn
 from app.decoding import DecodeBudget
 from app.engine import Predictor, choose_backend, select_device
 from app.observability import ServiceMetrics
 from app.schemas.health import SkippedCheckpoint
-from app.registry import ModelRegistry
 from app.settings import Settings, available_cores
 from app.workers import WorkerPool
 from models.backends import BackendRecord
-from models.checkpoint import LoadedModel, load_checkpoint
+from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
 
 log = logging.getLogger("signserve")
-
-
-def checkpoint_paths(directory: Path) -> list[Path]:
-    """The served checkpoints: every *.pt except resume-state files."""
-    return sorted(p for p in Path(directory).glob("*.pt") if not p.name.endswith(".state.pt"))
 
 
 @dataclass(frozen=True)
@@ -54,6 +48,17 @@ def execution_plan(settings: Settings, device: torch.device) -> ExecutionPlan:
     return ExecutionPlan(instances, settings.torch_threads or max(1, cores // instances), processes)
 
 
+def worker_pool(settings: Settings, plan: ExecutionPlan, device: torch.device, paths: dict[str, Path],
+                backends: dict[str, BackendRecord] | None = None) -> WorkerPool:
+    """The forward worker processes for these checkpoints (model name -> path), each on its chosen
+    backend (torch when none is given), as the settings ask."""
+    config = WorkerPool.config_for(paths, device, half=settings.half, channels_last=settings.channels_last,
+                                   threads=plan.torch_threads or 1,
+                                   warmup_batch_size=settings.max_batch_size if settings.warmup else None,
+                                   nice=settings.worker_nice, backends=backends)
+    return WorkerPool(config, plan.instances)
+
+
 @dataclass
 class ServedModel:
     loaded: LoadedModel
@@ -69,8 +74,7 @@ class Service:
     metrics: ServiceMetrics
     device: torch.device | None = None
     plan: ExecutionPlan | None = None
-    models: dict[str, ServedModel] = field(default_factory=dict)
-    registry: ModelRegistry = field(default_factory=lambda: ModelRegistry({}))
+    models: dict[str, ServedModel] = field(default_factory=dict)  # by name: the checkpoint file's stem
     load_errors: dict[str, str] = field(default_factory=dict)
     ready: bool = False
     workers: WorkerPool | None = None
@@ -82,9 +86,15 @@ class Service:
     def skipped(self) -> list[SkippedCheckpoint]:
         return [SkippedCheckpoint(file=file, reason=reason) for file, reason in self.load_errors.items()]
 
+    def best(self) -> str | None:
+        """The name of the model with the highest final test accuracy (the default for /v1/predict)."""
+        if not self.models:
+            return None
+        return max(self.models, key=lambda n: self.models[n].loaded.test_accuracy or 0.0)
+
     def check_startup(self) -> list[Path]:
         """Fail start-up at once on what no waiting fixes: no checkpoints, or an impossible device."""
-        paths = checkpoint_paths(self.settings.checkpoint_dir)
+        paths = served_checkpoints(self.settings.checkpoint_dir)
         if not paths:
             raise RuntimeError(f"no *.pt checkpoints in {self.settings.checkpoint_dir} "
                                "(set SIGNSERVE_CHECKPOINT_DIR, or train one with `make train`)")
@@ -127,11 +137,8 @@ class Service:
         pool_seconds = 0.0
         if plan.processes and loaded:
             started = time.perf_counter()
-            self.workers = WorkerPool(WorkerPool.config_for(
-                {name: path for name, (_, _, _, _, path) in loaded.items()}, self.device, half=s.half,
-                channels_last=s.channels_last, threads=plan.torch_threads or 1,
-                warmup_batch_size=s.max_batch_size if s.warmup else None, nice=s.worker_nice,
-                backends={name: backend for name, (_, backend, _, _, _) in loaded.items()}), plan.instances)
+            self.workers = worker_pool(s, plan, self.device, {name: path for name, (_, _, _, _, path) in loaded.items()},
+                                       {name: backend for name, (_, backend, _, _, _) in loaded.items()})
             try:
                 await asyncio.to_thread(self.workers.start)
             except Exception as exc:
@@ -145,7 +152,6 @@ class Service:
             except Exception as exc:  # whatever it is, it is this model's problem, not the others'
                 log.error("skipping checkpoint %s: %s", path, exc)
                 self.load_errors[path.name] = f"{type(exc).__name__}: {exc}"
-        self.registry = ModelRegistry({name: m.loaded for name, m in self.models.items()})
         # What exists now (torch, FastAPI, the models: ~420k objects) lives as long as the process.
         # Frozen, the collector's full passes skip it; unfrozen, each walked it all (~190 ms measured,
         # the event loop stalled meanwhile).
@@ -157,10 +163,9 @@ class Service:
     def _serve(self, name: str, model: LoadedModel, backend: BackendRecord, predictor: Predictor | None,
                seconds: float) -> None:
         s, plan = self.settings, self.plan
-        forward = self.workers.forward(name) if self.workers else predictor.ranked
-        batcher = DynamicBatcher(forward, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
-                                 queue_size=s.queue_size, instances=plan.instances, name=name,
-                                 on_batch=self.metrics.batch_observer(name))
+        batcher = DynamicBatcher(self.forward_path(name, predictor), max_batch_size=s.max_batch_size,
+                                 max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size, instances=plan.instances,
+                                 name=name, on_batch=self.metrics.batch_observer(name))
         batcher.start()
         self.models[name] = ServedModel(model, batcher, seconds, predictor, backend)
         self.metrics.model_load_seconds.labels(name).set(seconds)
@@ -173,6 +178,13 @@ class Service:
         log.info("%s runs on %s%s: %s; bare forward images/s %s; rejected %s; test accuracy %s", name,
                  backend.label, " (cached choice)" if backend.cached else f" (chosen in {backend.selected_in_s} s)",
                  backend.reason, backend.images_per_s or "-", backend.rejected or "-", backend.test_accuracy or "-")
+
+    def forward_path(self, name: str, predictor: Predictor | None) -> ForwardFn:
+        """What the batcher calls with each batch of model `name` (uint8 images -> per image, class ids
+        and probabilities, most probable first): on the CPU by default an exchange with a forward worker
+        process (app.workers.WorkerPool.run, which runs app.engine.Predictor.ranked there); otherwise
+        this process's own Predictor.ranked, in the batcher's threads."""
+        return self.workers.forward(name) if self.workers is not None else predictor.ranked
 
     async def close(self) -> None:
         self.ready = False

@@ -11,8 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.imaging import DEFAULT_MAX_IMAGE_PIXELS
+from models.paths import DEFAULT_CHECKPOINT_DIR, PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
 
 
@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     access_log: bool = Field(False, description="uvicorn's per-request log line (costs throughput)")
 
-    checkpoint_dir: Path = Field(PROJECT_ROOT / "models" / "checkpoints",
+    checkpoint_dir: Path = Field(DEFAULT_CHECKPOINT_DIR,
                                  description="every *.pt in it is served, named by its file stem")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     half: bool = Field(True, description="fp16 weights and inputs on CUDA (ignored on the CPU)")

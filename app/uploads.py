@@ -18,6 +18,11 @@ from starlette.requests import Request
 from app.http_limits import allow_body_bytes
 from python_multipart.multipart import parse_options_header
 
+from app.errors import Rejected
+
+# The multipart field that carries the images.
+FILE_FIELD = "file"
+
 # Room for part headers and boundaries on top of the file bytes themselves.
 PART_OVERHEAD_BYTES = 16 * 1024
 
@@ -32,13 +37,8 @@ class Upload:
     data: bytearray = field(default_factory=bytearray)
 
 
-class UploadRejected(Exception):
-    """The body cannot be accepted; `status_code` is the HTTP status to answer with."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+class UploadRejected(Rejected):
+    """The body cannot be accepted."""
 
 
 class MissingFileField(UploadRejected):

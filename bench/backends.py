@@ -17,11 +17,11 @@ import json
 import torch
 
 from app.engine import choose_backend, classifier_job, select_device
-from app.service import checkpoint_paths, execution_plan
+from app.service import execution_plan
 from app.settings import Settings
 from models.backends import (BackendRecord, Candidate, build_forward, candidates, cpu_flags, export_candidate,
                              images_per_second)
-from models.checkpoint import LoadedModel, load_checkpoint
+from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
 
 
 def service_backend(loaded: LoadedModel, settings: Settings, threads: int) -> BackendRecord:
@@ -65,7 +65,7 @@ def main() -> None:
     plan = execution_plan(settings, select_device(settings.device))
     threads = plan.torch_threads or torch.get_num_threads()
     report = {}
-    for path in checkpoint_paths(settings.checkpoint_dir):
+    for path in served_checkpoints(settings.checkpoint_dir):
         if args.models and path.stem not in args.models:
             continue
         loaded = load_checkpoint(path, device=select_device(settings.device), name=path.stem)

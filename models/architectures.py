@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from models.classes import NUM_CLASSES
+from models.input_sizes import DEFAULT_INPUT_SIZE
 
 ARCHITECTURES = ("cnn", "resnet18", "detector")
+POOLINGS = 3  # SignCNN's stages, each halving the side
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -22,7 +24,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class SignCNN(nn.Module):
-    """A VGG-style CNN sized for 32x32 GTSRB crops (375,563 parameters, 1.5 MB in fp32).
+    """A VGG-style CNN for small GTSRB crops, 32x32 by default (375,563 parameters, 1.5 MB in fp32).
 
     Why these layers:
     - three stages of two 3x3 convs (widths 32, 64, 128): two stacked 3x3s see 5x5 at the cost of
@@ -30,21 +32,27 @@ class SignCNN(nn.Module):
     - 2x2 max-pool after each stage, 32 -> 16 -> 8 -> 4: after the third stage one unit sees 36 px,
       more than the whole 32 px crop, so the last stage reasons about the complete sign;
     - BatchNorm after every conv: trains fast at high learning rates (warm-up, then cosine decay);
-    - the 4x4x128 map is flattened, not globally pooled, because where a shape sits matters
-      ("turn left" and "turn right" differ only in layout);
+    - the 4x4x128 map (at 32x32; side // 8 in general) is flattened, not globally pooled, because
+      where a shape sits matters ("turn left" and "turn right" differ only in layout), so the head's
+      width follows from `input_size`;
     - dropout before the single linear head: the training set holds ~860 physical signs seen in
       ~30 frames each, so it is far smaller than its 25k images suggest.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = (32, 64, 128)):
+    def __init__(self, num_classes: int = NUM_CLASSES, widths: tuple[int, int, int] = (32, 64, 128),
+                 input_size: int = DEFAULT_INPUT_SIZE["cnn"]):
         super().__init__()
+        side = input_size >> POOLINGS  # each 2x2 max-pool floors the side to half
+        if side < 1:
+            raise ValueError(f"the cnn needs an input of at least {1 << POOLINGS}x{1 << POOLINGS} pixels, "
+                             f"got {input_size}x{input_size}")
         layers: list[nn.Module] = []
         c_in = 3
         for width in widths:
             layers += _conv_bn_relu(c_in, width) + _conv_bn_relu(width, width) + [nn.MaxPool2d(2)]
             c_in = width
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(c_in * 4 * 4, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(c_in * side * side, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -75,12 +83,13 @@ def _imagenet_resnet18(weights_path: str | None) -> nn.Module:
 
 
 def build_model(architecture: str, num_classes: int = NUM_CLASSES, start_weights: str = "random",
-                weights_path: str | None = None) -> nn.Module:
-    """Build an architecture. `start_weights` is "random" or "imagenet" (resnet18 only)."""
+                weights_path: str | None = None, input_size: int | None = None) -> nn.Module:
+    """Build an architecture for square inputs of `input_size` (default: DEFAULT_INPUT_SIZE; resnet18
+    takes any size, its head is globally pooled). `start_weights` is "random" or "imagenet" (resnet18 only)."""
     if architecture == "cnn":
         if start_weights != "random":
             raise ValueError("the cnn has no pretrained weights; use start_weights='random'")
-        return SignCNN(num_classes)
+        return SignCNN(num_classes, input_size=input_size or DEFAULT_INPUT_SIZE["cnn"])
     if architecture == "resnet18":
         from torchvision.models import resnet18
 

@@ -7,7 +7,8 @@
     python -m models.calc conv-layer --input 32x32x3 --filters 10 --kernel 5
     python -m models.calc conv-matrix --kernel "w1 w2; w3 w4" --input 3x3 --latex
 
-Every subcommand takes --json for the same JSON the HTTP API answers. Exit status 2 on bad arguments.
+Every subcommand takes --json for the same JSON the HTTP API answers: both build it with the
+`*_answer` functions below. Exit status 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -19,9 +20,33 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
-from models.conv_matrix import conv_matrix, to_latex
-from models.conv_shapes import conv_layer
-from models.receptive_field import LayerSpec, layers_of_module, receptive_field_table
+from models.conv_matrix import LATEX_MAX_ENTRIES, ConvMatrix, conv_matrix, to_latex
+from models.conv_shapes import ConvLayerResult, conv_layer
+from models.input_sizes import DEFAULT_INPUT_SIZE
+from models.receptive_field import LayerSpec, ReceptiveFieldRow, layers_of_module, receptive_field_table
+
+# --- the answers, as the HTTP routes (app.routers.calculators) and --json give them -------------------
+
+
+def receptive_field_answer(rows: list[ReceptiveFieldRow]) -> dict:
+    return {"layers": [asdict(row) for row in rows]}
+
+
+def conv_layer_answer(result: ConvLayerResult) -> dict:
+    return {"output_shape": {"height": result.output_height, "width": result.output_width,
+                             "channels": result.output_channels},
+            "parameters": result.parameters, "multiply_adds": result.multiply_adds}
+
+
+def conv_matrix_answer(result: ConvMatrix) -> dict:
+    """The matrix, its shapes, and a LaTeX bmatrix up to LATEX_MAX_ENTRIES entries (null beyond)."""
+    rows, cols = result.shape
+    return {"matrix": result.tolist(), "shape": [rows, cols], "input_shape": list(result.input_shape),
+            "output_shape": list(result.output_shape),
+            "latex": result.latex() if rows * cols <= LATEX_MAX_ENTRIES else None}
+
+
+# --- the command line ----------------------------------------------------------------------------------
 
 
 def _ints(text: str, lengths: Sequence[int], what: str) -> list[int]:
@@ -93,11 +118,12 @@ def _receptive_field(args: argparse.Namespace) -> str:
         from models.architectures import build_model
 
         layers = layers_of_module(build_model(args.architecture))
+        input_size = input_size or DEFAULT_INPUT_SIZE[args.architecture]
     if not layers:
         raise ValueError("give layers (e.g. 5x1 5x1), --architecture or --checkpoint")
-    rows = receptive_field_table(input_size or 32, layers)
+    rows = receptive_field_table(input_size or DEFAULT_INPUT_SIZE["cnn"], layers)
     if args.json:
-        return json.dumps({"layers": [asdict(row) for row in rows]}, indent=2)
+        return json.dumps(receptive_field_answer(rows), indent=2)
     header = ("layer", "name", "kind", "k", "s", "p", "d", "RF", "RF closed", "jump", "out", "start")
     return _format_table(header, [(r.layer, r.name, r.kind, r.kernel_size, r.stride, r.padding, r.dilation,
                                    r.receptive_field, r.receptive_field_closed_form, r.jump, r.output_size,
@@ -108,11 +134,8 @@ def _conv_layer(args: argparse.Namespace) -> str:
     height, width, *channels = args.input
     result = conv_layer(height, width, channels[0] if channels else 1, args.filters, args.kernel, args.stride,
                         args.padding, args.dilation, not args.no_bias)
-    answer = {"output_shape": {"height": result.output_height, "width": result.output_width,
-                               "channels": result.output_channels},
-              "parameters": result.parameters, "multiply_adds": result.multiply_adds}
     if args.json:
-        return json.dumps(answer, indent=2)
+        return json.dumps(conv_layer_answer(result), indent=2)
     return (f"output         {result.output_height} x {result.output_width} x {result.output_channels}\n"
             f"parameters     {result.parameters:,}\n"
             f"multiply-adds  {result.multiply_adds:,}")
@@ -121,10 +144,9 @@ def _conv_layer(args: argparse.Namespace) -> str:
 def _conv_matrix(args: argparse.Namespace) -> str:
     result = conv_matrix(args.kernel, args.input, args.stride, args.padding, args.dilation, flip=args.flip,
                          max_entries=args.max_entries)
-    rows = result.tolist()
     if args.json:
-        return json.dumps({"matrix": rows, "shape": list(result.shape), "input_shape": list(result.input_shape),
-                           "output_shape": list(result.output_shape), "latex": to_latex(rows)}, indent=2)
+        return json.dumps(conv_matrix_answer(result), indent=2)
+    rows = result.tolist()
     if args.latex:
         return to_latex(rows)
     cells = [[format(v, "g") if isinstance(v, float) else str(v) for v in row] for row in rows]
@@ -141,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf = commands.add_parser("receptive-field", help="receptive field per layer of a conv/pool stack")
     rf.add_argument("layers", nargs="*", type=layer_arg, metavar="KxSxPxD",
                     help="kernel[xstride[xpadding[xdilation]]], defaults 1, 0, 1; pooling layers too")
-    rf.add_argument("--input", type=int, help="side of the square input (default 32, or the checkpoint's)")
+    rf.add_argument("--input", type=int, help="side of the square input (default: the checkpoint's or the "
+                                             "architecture's, else the cnn's)")
     source = rf.add_mutually_exclusive_group()
     source.add_argument("--architecture", choices=("cnn", "resnet18"), help="read the layers off a fresh model")
     source.add_argument("--checkpoint", help="read the layers off a trained checkpoint")

@@ -48,6 +48,7 @@ FORMAT_VERSION = 1
 CLASSIFIER_ARCHITECTURES = ("cnn", "resnet18")  # their metrics rows carry every METRIC_FIELDS entry
 METRIC_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")
 REQUIRED_KEYS = ("format", "format_version", "architecture", "class_names", "preprocessing", "state_dict")
+RESUME_SUFFIX = ".state.pt"  # the trainer's optimizer/RNG state beside <name>.pt: not a servable checkpoint
 
 
 class CheckpointError(ValueError):
@@ -116,6 +117,11 @@ def make_checkpoint(model: nn.Module, *, architecture: str, class_names: list[st
         "inference": dict(inference or {}),
         "state_dict": state,
     }
+
+
+def served_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The servable checkpoints of a directory, by name: every *.pt except resume-state files."""
+    return sorted(p for p in Path(directory).glob("*.pt") if not p.name.endswith(RESUME_SUFFIX))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -224,8 +230,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = Path(path)
     ckpt = safe_load(path)
     validate(ckpt, path)
+    preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
     try:
-        model = build_model(ckpt["architecture"], num_classes=len(ckpt["class_names"]))
+        model = build_model(ckpt["architecture"], num_classes=len(ckpt["class_names"]),
+                            input_size=preprocessing.input_size)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
@@ -240,7 +248,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         model=model,
         architecture=ckpt["architecture"],
         class_names=list(ckpt["class_names"]),
-        preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
+        preprocessing=preprocessing,
         start_weights=ckpt.get("start_weights", "unknown"),
         metrics=list(ckpt.get("metrics", [])),
         train_args=dict(ckpt.get("train_args", {})),

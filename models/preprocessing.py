@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from models.input_sizes import DEFAULT_INPUT_SIZE
+
 # Per-channel statistics of the GTSRB training images after resizing to 32x32, in [0, 1] units
 # (measured with `python -m training.data --stats`). Close enough for any input size.
 GTSRB_MEAN: tuple[float, float, float] = (0.3433, 0.3151, 0.3253)
@@ -20,7 +22,7 @@ GTSRB_STD: tuple[float, float, float] = (0.2759, 0.2646, 0.2706)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    input_size: int = 32
+    input_size: int = DEFAULT_INPUT_SIZE["cnn"]
     mean: tuple[float, float, float] = GTSRB_MEAN
     std: tuple[float, float, float] = GTSRB_STD
     interpolation: str = "bilinear"  # PIL resample filter used to reach input_size x input_size

@@ -1,7 +1,7 @@
 """Shared fixtures: a real signserve process (uvicorn, loopback, free port) and sample images.
 
 The server runs `python -m app` as a subprocess, exactly like `make serve`, and the tests talk to
-it over HTTP. It serves a snapshot of models/checkpoints/ taken at session start: training may
+it over HTTP. It serves a snapshot of models/checkpoints/ taken when the test run starts: training may
 rewrite those files at any moment, and the accuracy test must evaluate the very file the server loaded.
 """
 
@@ -20,13 +20,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.main import create_app
+from app.settings import Settings
 from bench.harness import free_port
 from helpers import encode
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT_DIR = ROOT / "models" / "checkpoints"
+from models.checkpoint import served_checkpoints
+from models.paths import DEFAULT_CHECKPOINT_DIR, PROJECT_ROOT as ROOT
+
 ARTIFACTS = ROOT / "artifacts"
 STARTUP_TIMEOUT_S = 400  # two worker processes load and warm up every model; slow on a busy 2-core CI box
 
@@ -83,12 +87,27 @@ def start_server(checkpoint_dir: Path, log_path: Path, **settings: str | int | f
             time.sleep(0.2)
 
 
+@contextmanager
+def in_process_app(checkpoint_dir: Path, **settings) -> Iterator[TestClient]:
+    """`create_app` in this process behind FastAPI's TestClient (lifespan included), once /readyz is 200.
+    Forwards run in threads of this process unless `settings` say otherwise."""
+    settings = {"worker_processes": False, "warmup": False, **settings}
+    app = create_app(Settings(checkpoint_dir=checkpoint_dir, **settings))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while (ready := client.get("/readyz")).status_code != 200:
+            if time.monotonic() > deadline or "no model could be loaded" in ready.text:
+                raise RuntimeError(f"the in-process app is not ready: {ready.text}")
+            time.sleep(0.05)
+        yield client
+
+
 @pytest.fixture(scope="session")
 def checkpoint_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the served checkpoints (*.pt, not resume *.state.pt) as they are now."""
-    paths = sorted(p for p in CHECKPOINT_DIR.glob("*.pt") if not p.name.endswith(".state.pt"))
+    paths = served_checkpoints(DEFAULT_CHECKPOINT_DIR)
     if not paths:
-        pytest.fail(f"no checkpoints in {CHECKPOINT_DIR}: the service has nothing to serve")
+        pytest.fail(f"no checkpoints in {DEFAULT_CHECKPOINT_DIR}: the service has nothing to serve")
     snapshot = tmp_path_factory.mktemp("checkpoints")
     for path in paths:
         shutil.copy2(path, snapshot / path.name)
@@ -97,7 +116,7 @@ def checkpoint_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(checkpoint_snapshot: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The service with its default settings, shared by the whole session."""
+    """The service with its default settings, shared by the whole test run."""
     live = start_server(checkpoint_snapshot, tmp_path_factory.mktemp("server") / "server.log")
     yield live
     live.stop()
@@ -120,7 +139,8 @@ def model_names(server: LiveServer) -> list[str]:
 @pytest.fixture(scope="session")
 def gtsrb_test_samples() -> list[tuple[str, int]]:
     """(path, class id) of the real GTSRB test images."""
-    from training.data import default_data_root, list_samples
+    from models.paths import default_data_root
+    from training.data import list_samples
 
     try:
         return list_samples(default_data_root(), "test")

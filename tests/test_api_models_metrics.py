@@ -6,7 +6,7 @@ import io
 
 from PIL import Image
 
-from models.checkpoint import METRIC_FIELDS, file_sha256, metrics_csv, safe_load
+from models.checkpoint import METRIC_FIELDS, file_sha256, metrics_csv, safe_load, served_checkpoints
 
 MODEL_FIELDS = {"name", "architecture", "parameters", "input_size", "test_accuracy", "epochs", "start_weights",
                 "checkpoint_sha256", "device", "backend"}
@@ -19,7 +19,7 @@ def checkpoint(server, name: str) -> dict:
 def test_models_list_describes_every_checkpoint(server, client):
     body = client.get("/v1/models").json()
     names = [m["name"] for m in body["models"]]
-    served = sorted(p.stem for p in server.checkpoint_dir.glob("*.pt") if not p.name.endswith(".state.pt"))
+    served = [p.stem for p in served_checkpoints(server.checkpoint_dir)]
     assert sorted(names) == served
     for info in body["models"]:
         assert set(info) == MODEL_FIELDS

@@ -20,9 +20,37 @@ def test_output_shape_is_batch_by_43(arch, size):
     assert out.shape == (3, 43)
 
 
+@pytest.mark.parametrize("size", [32, 36, 48, 64])
+def test_cnn_head_follows_the_input_size(size):
+    model = build_model("cnn", input_size=size).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 43)
+    assert model.classifier[-1].in_features == 128 * (size // 8) ** 2
+
+
+def test_cnn_refuses_an_input_too_small_for_its_three_poolings():
+    with pytest.raises(ValueError, match="at least 8x8"):
+        build_model("cnn", input_size=7)
+
+
+def test_cnn_checkpoint_at_another_size_loads_and_runs(tmp_path):
+    from models.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+    from models.preprocessing import Preprocessing
+
+    checkpoint = make_checkpoint(build_model("cnn", input_size=48), architecture="cnn", class_names=list(CLASS_NAMES),
+                                 preprocessing=Preprocessing(input_size=48), start_weights="random", metrics=[],
+                                 train_args={}, data={})
+    atomic_save(checkpoint, tmp_path / "cnn48.pt")
+    loaded = load_checkpoint(tmp_path / "cnn48.pt")
+    with torch.no_grad():
+        assert loaded.model(torch.randn(1, 3, 48, 48)).shape == (1, 43)
+
+
 def test_cnn_is_small():
     n = count_parameters(build_model("cnn"))
-    assert 100_000 < n < 1_000_000  # the README states 375,563
+    assert 100_000 < n < 1_000_000  # the docs state 375,563
+    assert n == 375_563
 
 
 def test_resnet18_has_a_new_43_way_head():

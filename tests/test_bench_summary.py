@@ -1,9 +1,9 @@
-"""The benchmark's arithmetic (bench.__main__.summarize) on a hand-made report: which bound applies,
-the ratios the issue's targets are about, and the CPU budget and floor printed next to them."""
+"""The benchmark's arithmetic (bench.report.summarize) on a hand-made report: which bound applies,
+the ratios the targets are about, and the CPU budget and floor printed next to them."""
 
 import pytest
 
-from bench.__main__ import TARGET_RATIO, summarize
+from bench.report import TARGET_RATIO, summarize
 
 
 def _run(requests_per_s: float, machine_cpu_ms: float, **extra) -> dict:
@@ -49,7 +49,7 @@ def test_cpu_budget_and_floor():
 
 
 def test_the_table_names_each_backend(capsys):
-    from bench.__main__ import print_table
+    from bench.report import print_table
 
     report = _report(bare_single=1200, bare_plan=1600, service_c32=800)
     cnn = report["models"]["cnn"]

@@ -1,21 +1,19 @@
-"""The calculator routes through FastAPI (TestClient, a tiny app with just this router)."""
+"""The calculator routes through FastAPI (TestClient, the app in this process serving two small checkpoints)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.dependencies import get_registry
-from app.registry import ModelRegistry
-from app.routers import calculators
+from conftest import in_process_app
 from models.architectures import build_model
-from models.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from models.checkpoint import atomic_save, make_checkpoint
 from models.classes import NUM_CLASSES
 from models.conv_matrix import LATEX_MAX_ENTRIES
 from models.preprocessing import Preprocessing
@@ -26,23 +24,16 @@ MATRIX = "/v1/calculators/conv-matrix"
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory) -> TestClient:
+def client(tmp_path_factory) -> Iterator[TestClient]:
     directory = tmp_path_factory.mktemp("checkpoints")
-    loaded = {}
     for architecture, size in (("cnn", 32), ("resnet18", 48)):
-        checkpoint = make_checkpoint(build_model(architecture), architecture=architecture,
+        checkpoint = make_checkpoint(build_model(architecture, input_size=size), architecture=architecture,
                                      class_names=[f"class {i}" for i in range(NUM_CLASSES)],
                                      preprocessing=Preprocessing(input_size=size), start_weights="random",
                                      metrics=[], train_args={}, data={}, half=True)
         atomic_save(checkpoint, directory / f"{architecture}.pt")
-        loaded[architecture] = load_checkpoint(directory / f"{architecture}.pt", name=architecture)
-    app = FastAPI()
-    app.include_router(calculators.router)
-    app.state.registry = ModelRegistry(loaded)
-    # get_loaded_model resolves names through get_registry; pin it to our registry whatever the real app's
-    # readiness plumbing behind it looks like.
-    app.dependency_overrides[get_registry] = lambda: app.state.registry
-    return TestClient(app)
+    with in_process_app(directory) as client:
+        yield client
 
 
 def _detail(response) -> str:

@@ -1,9 +1,9 @@
 """app/static/calculators.js: its parsers under Node, and the rendered section in headless Chromium.
 
 The browser test needs no server: Playwright intercepts every request of the page and answers it from
-an in-process FastAPI app (the calculators router, the static files and a one-line page carrying the
-contract `<div id="calculators">` + `<script src="/static/calculators.js">`). Skipped where Node,
-Playwright or Chromium is missing.
+the app in this process (create_app with one small checkpoint), except the page itself: a one-line
+page carrying the contract `<div id="calculators">` + `<script src="/static/calculators.js">`.
+Skipped where Node, Playwright or Chromium is missing.
 """
 
 from __future__ import annotations
@@ -14,21 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
-from fastapi.staticfiles import StaticFiles
-from fastapi.testclient import TestClient
-
-from app.dependencies import get_registry
-from app.registry import ModelRegistry
-from app.routers import calculators
+from conftest import in_process_app
 from models.architectures import build_model
-from models.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from models.checkpoint import atomic_save, make_checkpoint
 from models.classes import NUM_CLASSES
 from models.preprocessing import Preprocessing
 
-STATIC = Path(__file__).resolve().parents[1] / "app" / "static"
-SCRIPT = STATIC / "calculators.js"
+SCRIPT = Path(__file__).resolve().parents[1] / "app" / "static" / "calculators.js"
 ORIGIN = "http://calculators.test"
 PAGE = '<!doctype html><html><head></head><body><div id="calculators"></div>' \
        '<script src="/static/calculators.js"></script></body></html>'
@@ -62,34 +54,29 @@ def test_parsers_under_node():
     assert out["detail"] == "body.layers.2: layer 3: empty"
 
 
-def _app(tmp_path: Path) -> FastAPI:
+def _checkpoints(tmp_path: Path) -> Path:
     checkpoint = make_checkpoint(build_model("cnn"), architecture="cnn",
                                  class_names=[f"class {i}" for i in range(NUM_CLASSES)], preprocessing=Preprocessing(),
                                  start_weights="random", metrics=[], train_args={}, data={})
     atomic_save(checkpoint, tmp_path / "cnn.pt")
-    registry = ModelRegistry({"cnn": load_checkpoint(tmp_path / "cnn.pt", name="cnn")})
-    app = FastAPI()
-    app.include_router(calculators.router)
-    app.dependency_overrides[get_registry] = lambda: registry
-    app.get("/v1/models")(lambda: {"models": [{"name": "cnn"}]})
-    app.get("/", response_class=HTMLResponse)(lambda: PAGE)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
+    return tmp_path
 
 
 @pytest.fixture
 def page(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    client = TestClient(_app(tmp_path))
 
     def answer(route):
         request = route.request
-        response = client.request(request.method, request.url.removeprefix(ORIGIN),
-                                  content=request.post_data_buffer, headers=request.headers)
+        path = request.url.removeprefix(ORIGIN)
+        if path == "/":
+            route.fulfill(status=200, content_type="text/html", body=PAGE)
+            return
+        response = client.request(request.method, path, content=request.post_data_buffer, headers=request.headers)
         route.fulfill(status=response.status_code, headers=dict(response.headers), body=response.content)
 
-    with sync_api.sync_playwright() as playwright:
+    with in_process_app(_checkpoints(tmp_path)) as client, sync_api.sync_playwright() as playwright:
         try:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         except Exception as exc:  # no bundled browser and no system Chromium

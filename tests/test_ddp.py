@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from models.checkpoint import load_checkpoint
+from models.paths import default_data_root
 from models.preprocessing import Preprocessing
-from training.data import default_data_root, load_split
+from training.data import load_split
 from training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent

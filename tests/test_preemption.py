@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from models.checkpoint import load_checkpoint
-from training.data import default_data_root
+from models.paths import default_data_root
 from training.train import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parent.parent

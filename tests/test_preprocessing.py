@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from app.imaging import open_image, to_input
+from models.paths import default_data_root
 from models.preprocessing import Preprocessing, image_to_uint8, normalize
-from training.data import _decode, default_data_root, list_samples
+from training.data import _decode, list_samples
 
 
 @pytest.fixture(scope="module")

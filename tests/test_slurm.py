@@ -1,7 +1,7 @@
 """`make train` through a real Slurm (.ci/slurm/start.sh runs a one-node cluster on loopback).
 
 Jobs request no GPU (submit.sh sees no gpu GRES in `sinfo`) and write checkpoints to a temporary
-CHECKPOINT_DIR; their output files land in logs/ as on a cluster.
+SIGNSERVE_CHECKPOINT_DIR; their output files land in logs/ as on a cluster.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def make_train(tmp_path: Path, epochs: int, **env: str) -> tuple[str, Path]:
     job_name = f"signserve-test-{uuid.uuid4().hex[:8]}"
     result = subprocess.run(["make", "--no-print-directory", "train", "MODEL=cnn", f"EPOCHS={epochs}", f"ARGS={SMALL}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "CHECKPOINT_DIR": str(tmp_path), "JOB_NAME": job_name, **env})
+                            env={**os.environ, "SIGNSERVE_CHECKPOINT_DIR": str(tmp_path), "JOB_NAME": job_name, **env})
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"^submitted job (\d+)", result.stdout, re.MULTILINE).group(1)
     output = Path(re.search(r"^output file: (.+)$", result.stdout, re.MULTILINE).group(1))

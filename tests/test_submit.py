@@ -57,7 +57,7 @@ def test_without_sbatch_make_train_trains_here(tmp_path):
     bin_dir.mkdir()
     for tool in ("make", "bash", "cat", "cksum", "cut", "dirname"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    env = {**os.environ, "PATH": str(bin_dir), "CHECKPOINT_DIR": str(tmp_path), "PYTHON": sys.executable}
+    env = {**os.environ, "PATH": str(bin_dir), "SIGNSERVE_CHECKPOINT_DIR": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(["make", "--no-print-directory", "train", "MODEL=cnn", "EPOCHS=1",
                              "ARGS=--max-train-samples 1000 --max-test-samples 500"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)

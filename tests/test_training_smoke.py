@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.checkpoint import load_checkpoint
-from training.data import default_data_root
+from models.paths import default_data_root
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--max-train-samples", "600", "--max-test-samples", "300", "--batch-size", "64"]

@@ -18,15 +18,11 @@ import torch
 from PIL import Image
 
 from models.checkpoint import atomic_save, safe_load
+from models.input_sizes import DEFAULT_INPUT_SIZE
+from models.paths import PROJECT_ROOT, default_data_root
 from models.preprocessing import Preprocessing, image_to_uint8
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "gtsrb"
-
-
-def default_data_root() -> str:
-    """$GTSRB_ROOT, else ../shared/data next to the project (the folder that holds `gtsrb/`)."""
-    return os.environ.get("GTSRB_ROOT") or str(PROJECT_ROOT.parent / "shared" / "data")
 
 
 @dataclass
@@ -95,7 +91,7 @@ def load_split(root: str, split: str, pre: Preprocessing, cache_dir: Path | None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=default_data_root())
-    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE["cnn"])
     parser.add_argument("--stats", action="store_true", help="print the train split's channel mean and std")
     args = parser.parse_args()
     pre = Preprocessing(input_size=args.input_size)

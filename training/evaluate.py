@@ -11,13 +11,13 @@ import argparse
 import json
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import load_checkpoint
+from models.paths import default_data_root
 from models.preprocessing import Preprocessing, normalize
-from training.data import TensorSplit, default_data_root, load_split
+from training.data import TensorSplit, load_split
+from training.metrics import LossAccuracy
 
 
 @torch.inference_mode()
@@ -29,20 +29,15 @@ def evaluate(model: nn.Module, split: TensorSplit, pre: Preprocessing, device: t
     model.eval()
     rank, world = shard
     images, labels = split.images[rank::world], split.labels[rank::world]
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    totals = LossAccuracy(device)
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start:start + batch_size].to(device, non_blocking=True), pre)
         y = labels[start:start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x)
-        totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        totals[1] += (logits.argmax(1) == y).sum()
-        totals[2] += len(y)
-    if world > 1:
-        dist.all_reduce(totals)
+        totals.update(logits, y)
     model.train(was_training)
-    n = int(totals[2].item())
-    return {"loss": totals[0].item() / max(n, 1), "accuracy": totals[1].item() / max(n, 1), "n": n}
+    return totals.result(world)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     python -m training.train --model resnet18 --weights resnet18-f37072fd.pth # local ImageNet weights
     torchrun --nproc-per-node 4 -m training.train --model resnet18 ...        # DDP, one process per GPU
 
-Outputs, next to --output (default $CHECKPOINT_DIR/<model>.pt or models/checkpoints/<model>.pt):
+Outputs, next to --output (default $SIGNSERVE_CHECKPOINT_DIR/<model>.pt, else models/checkpoints/<model>.pt):
   <name>.pt           servable checkpoint (models/checkpoint.py), rewritten atomically after each epoch
   <name>.metrics.csv  epoch,train_loss,train_accuracy,test_loss,test_accuracy,seconds
   <name>.log          every line this script printed, appended across resumed runs
@@ -20,40 +20,40 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
 from models.architectures import ARCHITECTURES, PretrainedWeightsUnavailable, build_model, count_parameters
-from models.checkpoint import (CheckpointError, atomic_save, atomic_write_text, make_checkpoint, metrics_csv,
-                               safe_load, unwrap)
+from models.checkpoint import (RESUME_SUFFIX, CheckpointError, atomic_save, atomic_write_text, make_checkpoint,
+                               metrics_csv, safe_load, unwrap)
 from models.classes import CLASS_NAMES
+from models.input_sizes import DEFAULT_INPUT_SIZE
+from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
 from training.augment import augment
-from training.data import default_data_root, load_split
+from training.data import TensorSplit, load_split
 from training.evaluate import evaluate
+from training.metrics import LossAccuracy
 from training.sam import SAM
+from training.utils import (EXIT_PREEMPTED, Logger, Preemption, barrier, describe_machine, progress_bar,
+                            setup_distributed, teardown_distributed)
 
 MAX_EPOCHS = 20
-EXIT_PREEMPTED = 99
-DEFAULT_INPUT_SIZE = {"cnn": 32, "resnet18": 80}
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=ARCHITECTURES)
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsrb/ (env GTSRB_ROOT)")
-    p.add_argument("--output", help="checkpoint path (default: $CHECKPOINT_DIR or models/checkpoints, /<model>.pt)")
+    p.add_argument("--output", help="checkpoint path (default: <model>.pt in $SIGNSERVE_CHECKPOINT_DIR, else "
+                                    "in models/checkpoints)")
     p.add_argument("--epochs", type=int, default=MAX_EPOCHS, help=f"1..{MAX_EPOCHS}")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size, split over DDP ranks")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per optimizer)")
@@ -89,45 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------- set-up
-
-
-class Preemption:
-    """Remembers that SIGUSR1/SIGTERM arrived; the loop checks it between batches."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self, world: int, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got the signal. Slurm and torchrun deliver it to
-        each process at a slightly different batch; a rank that left the loop alone would leave the
-        others waiting in the next gradient all-reduce, or failing in it once its process is gone."""
-        if world == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun's env vars turn on DDP (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_arg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+# ---------------------------------------------------------------- model and optimiser
 
 
 def init_weights(model: nn.Module, how: str) -> None:
@@ -168,21 +130,6 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(base, factor)
 
 
-class Logger:
-    """Prints on rank 0 and appends the same line to <name>.log."""
-
-    def __init__(self, path: Path | None, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, line: str) -> None:
-        if not self.enabled:
-            return
-        print(line, flush=True)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-
 # ---------------------------------------------------------------- one epoch
 
 
@@ -191,7 +138,7 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, arg
     """One pass over `order` (this rank's sample indices). None when preempted mid-epoch."""
     model.train()
     per_rank_batch = max(1, args.batch_size // args.world_size)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    totals = LossAccuracy(device)
     for start in range(0, len(order), per_rank_batch):
         if preemption.agreed(args.world_size, device):
             return None
@@ -218,19 +165,10 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, arg
         else:
             optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            totals[1] += (logits.argmax(1) == y).sum()
-            totals[2] += len(y)
+        totals.update(logits, y)
         if progress is not None:
             progress.update(1)
-    if args.world_size > 1:
-        dist.all_reduce(totals)
-    n = max(1, int(totals[2].item()))
-    return {"loss": totals[0].item() / n, "accuracy": totals[1].item() / n}
-
-
-# ---------------------------------------------------------------- main
+    return totals.result(args.world_size)
 
 
 def resolve_args(args) -> None:
@@ -248,8 +186,136 @@ def resolve_args(args) -> None:
         args.lr = 0.05 if (args.optimizer == "sgd" or (args.optimizer == "sam" and args.sam_base == "sgd")) else 2e-3
     args.input_size = args.input_size or DEFAULT_INPUT_SIZE[args.model]
     if args.output is None:
-        folder = os.environ.get("CHECKPOINT_DIR") or str(PROJECT_ROOT / "models" / "checkpoints")
-        args.output = str(Path(folder) / f"{args.model}.pt")
+        args.output = str(checkpoint_dir() / f"{args.model}.pt")
+
+
+
+# ---------------------------------------------------------------- main
+
+
+@dataclass
+class RunFiles:
+    """What a run writes next to --output."""
+
+    checkpoint: Path
+    state: Path  # optimizer, schedule and RNG state for --resume
+    csv: Path
+    log: Path
+
+    @classmethod
+    def beside(cls, output: str) -> "RunFiles":
+        out = Path(output)
+        stem = out.with_suffix("")
+        return cls(out, Path(f"{stem}{RESUME_SUFFIX}"), Path(f"{stem}.metrics.csv"), Path(f"{stem}.log"))
+
+    def prepare(self, fresh: bool) -> None:
+        """On rank 0: the folder exists; a fresh run drops an older run's resume state and log lines."""
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.state.unlink(missing_ok=True)
+            self.log.unlink(missing_ok=True)
+
+
+def create_model(args, device: torch.device) -> tuple[nn.Module, str]:
+    """The model on `device`, initialised, and the label of its start weights for the checkpoint."""
+    model = build_model(args.model, start_weights=args.start_weights, weights_path=args.weights,
+                        input_size=args.input_size)
+    start_label = args.start_weights if not args.weights else f"imagenet:{Path(args.weights).name}"
+    if args.start_weights == "random":
+        init_weights(model, args.init)
+    else:
+        init_weights(model.fc, args.init)  # only the new head is trained from scratch
+    # channels_last: faster convolutions with cuDNN, and with oneDNN on the CPU (10-20 % per step here)
+    return model.to(device, memory_format=torch.channels_last), start_label
+
+
+def restore(state_path: Path, args, model: nn.Module, optimizer, scheduler) -> list[dict]:
+    """Continue after the last completed epoch of `state_path`: its metrics so far (none without the file)."""
+    if not state_path.is_file():
+        return []
+    state = safe_load(state_path)
+    if state["model_name"] != args.model:
+        raise SystemExit(f"{state_path} holds a {state['model_name']} run, not {args.model}")
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    return list(state["metrics"])
+
+
+@dataclass
+class Run:
+    """Everything the epoch loop works with."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    pre: Preprocessing
+    train: TensorSplit
+    test: TensorSplit
+    files: RunFiles
+    log: Logger
+    start_label: str
+    metrics: list[dict]  # one row per completed epoch, resumed ones included
+    steps_per_epoch: int
+    autocast: bool  # bf16 mixed precision on CUDA: ~2x faster, no loss scaling needed
+
+
+def steps_per_epoch(samples: int, batch_size: int, world: int) -> int:
+    """Optimizer steps per epoch on each rank: its share of the samples in batches of batch_size / world."""
+    return math.ceil(math.ceil(samples / world) / max(1, batch_size // world))
+
+
+def run_epochs(run: Run, preemption: Preemption) -> int:
+    """Train the remaining epochs; after each, evaluate, write the files and log one line. Returns the
+    exit status: 0 when all epochs are done, EXIT_PREEMPTED when a signal (or --stop-after-epochs) stopped it."""
+    args, rank, world, device, metrics = run.args, run.rank, run.world, run.device, run.metrics
+    train_images, train_labels = run.train.images.to(device), run.train.labels.to(device)
+    data_info = {"root": str(args.data_root), "train_samples": len(run.train), "test_samples": len(run.test),
+                 "dataset": "GTSRB", "input_size": run.pre.input_size}
+    train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    train_args["machine"] = describe_machine(device, world)
+    interactive = rank == 0 and sys.stdout.isatty()
+    sampler = DistributedSampler(range(len(run.train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    epochs_this_run = 0
+    for epoch in range(len(metrics) + 1, args.epochs + 1):
+        t0 = time.perf_counter()
+        # Same permutation on every rank, padded so that every rank runs the same number of steps.
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        progress = progress_bar(run.steps_per_epoch, epoch, interactive)
+        running = train_one_epoch(run.model, run.optimizer, run.scheduler, train_images, train_labels, order,
+                                  run.pre, args, device, run.autocast, preemption, progress)
+        if progress is not None:
+            progress.close()
+        if running is None:
+            run.log(f"preempted during epoch {epoch}; state kept at epoch {len(metrics)}, resume with --resume")
+            return EXIT_PREEMPTED
+        shard = (rank, world)
+        train_m = (evaluate(run.model, run.train, run.pre, device, autocast=run.autocast, shard=shard)
+                   if args.train_metrics == "full" else running)
+        test_m = evaluate(run.model, run.test, run.pre, device, autocast=run.autocast, shard=shard)
+        row = {"epoch": epoch, "train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
+               "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"],
+               "seconds": time.perf_counter() - t0}
+        metrics.append(row)
+        if rank == 0:
+            save_epoch(run.model, run.optimizer, run.scheduler, metrics, args, run.pre, run.start_label, train_args,
+                       data_info, run.files.checkpoint, run.files.state, run.files.csv)
+        run.log(f"epoch {epoch}/{args.epochs} train_loss {row['train_loss']:.4f} train_accuracy "
+                f"{row['train_accuracy']:.4f} test_loss {row['test_loss']:.4f} test_accuracy "
+                f"{row['test_accuracy']:.4f} seconds {row['seconds']:.1f}")
+        barrier(world)
+        epochs_this_run += 1
+        if preemption.agreed(world, device) or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
+            if epoch < args.epochs:
+                run.log(f"stopping after epoch {epoch}; resume with --resume")
+                return EXIT_PREEMPTED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,126 +327,46 @@ def main(argv: list[str] | None = None) -> int:
     resolve_args(args)
     rank, world, device = setup_distributed(args.device)
     args.world_size = world
-    out = Path(args.output)
+    files = RunFiles.beside(args.output)
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    stem = out.with_suffix("")
-    state_path, csv_path, log_path = (Path(f"{stem}.state.pt"), Path(f"{stem}.metrics.csv"), Path(f"{stem}.log"))
-    if rank == 0 and not args.resume:
-        # A fresh run starts fresh files: no older run's state for --resume, no older lines in the log.
-        state_path.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
-    log = Logger(log_path, enabled=rank == 0)
+        files.prepare(fresh=not args.resume)
+    log = Logger(files.log, enabled=rank == 0)
     preemption = Preemption()
-    autocast = device.type == "cuda"  # bf16 mixed precision: ~2x faster, no loss scaling needed
     torch.manual_seed(args.seed + rank)
 
     pre = Preprocessing(input_size=args.input_size, equalize=args.equalize)
     try:
-        model = build_model(args.model, start_weights=args.start_weights, weights_path=args.weights)
-    except PretrainedWeightsUnavailable as exc:
+        model, start_label = create_model(args, device)
+    except (PretrainedWeightsUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    start_label = args.start_weights if not args.weights else f"imagenet:{Path(args.weights).name}"
-    if args.start_weights == "random":
-        init_weights(model, args.init)
-    else:
-        init_weights(model.fc, args.init)  # only the new head is trained from scratch
-    # channels_last: faster convolutions with cuDNN, and with oneDNN on the CPU (10-20 % per step here)
-    model = model.to(device, memory_format=torch.channels_last)
-
     # Data lives on the training device for the whole run: an epoch is pure tensor indexing.
     train = load_split(args.data_root, "train", pre).subset(args.max_train_samples, args.seed)
     test = load_split(args.data_root, "test", pre).subset(args.max_test_samples, args.seed)
-    train_images, train_labels = train.images.to(device), train.labels.to(device)
-    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / max(1, args.batch_size // world))
-
+    steps = steps_per_epoch(len(train), args.batch_size, world)
     optimizer = make_optimizer(args, model)
-    scheduler = make_scheduler(optimizer, int(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
-    metrics: list[dict] = []
-    if args.resume and state_path.is_file():
-        try:
-            state = safe_load(state_path)
-        except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if state["model_name"] != args.model:
-            raise SystemExit(f"{state_path} holds a {state['model_name']} run, not {args.model}")
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        metrics = list(state["metrics"])
-        log(f"resumed from {state_path} after epoch {len(metrics)}")
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scheduler = make_scheduler(optimizer, int(args.warmup_epochs * steps), args.epochs * steps)
+    try:
+        metrics = restore(files.state, args, model, optimizer, scheduler) if args.resume else []
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if metrics:
+        log(f"resumed from {files.state} after epoch {len(metrics)}")
+    trained = model if world == 1 else \
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    log(f"model {args.model} ({count_parameters(unwrap(model)):,} parameters, start {start_label}, init "
+    log(f"model {args.model} ({count_parameters(model):,} parameters, start {start_label}, init "
         f"{args.init}) on {device}{' x' + str(world) if world > 1 else ''}; train {len(train)} / test {len(test)} "
         f"images at {pre.input_size}x{pre.input_size}; optimizer {args.optimizer} lr {args.lr} batch {args.batch_size}")
-    data_info = {"root": str(args.data_root), "train_samples": len(train), "test_samples": len(test),
-                 "dataset": "GTSRB", "input_size": pre.input_size}
-    train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
-    train_args["machine"] = describe_machine(device, world)
-    interactive = rank == 0 and sys.stdout.isatty()
-
-    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    epochs_this_run = 0
-    for epoch in range(len(metrics) + 1, args.epochs + 1):
-        t0 = time.perf_counter()
-        # Same permutation on every rank, padded so that every rank runs the same number of steps.
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), device=device)
-        progress = None
-        if interactive:
-            from tqdm import tqdm
-            progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-        running = train_one_epoch(model, optimizer, scheduler, train_images, train_labels, order, pre, args,
-                                  device, autocast, preemption, progress)
-        if progress is not None:
-            progress.close()
-        if running is None:
-            log(f"preempted during epoch {epoch}; state kept at epoch {len(metrics)}, resume with --resume")
-            return EXIT_PREEMPTED
-        shard = (rank, world)
-        train_m = (evaluate(model, train, pre, device, autocast=autocast, shard=shard)
-                   if args.train_metrics == "full" else running)
-        test_m = evaluate(model, test, pre, device, autocast=autocast, shard=shard)
-        row = {"epoch": epoch, "train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
-               "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"],
-               "seconds": time.perf_counter() - t0}
-        metrics.append(row)
-        if rank == 0:
-            save_epoch(model, optimizer, scheduler, metrics, args, pre, start_label, train_args, data_info,
-                       out, state_path, csv_path)
-        log(f"epoch {epoch}/{args.epochs} train_loss {row['train_loss']:.4f} train_accuracy "
-            f"{row['train_accuracy']:.4f} test_loss {row['test_loss']:.4f} test_accuracy "
-            f"{row['test_accuracy']:.4f} seconds {row['seconds']:.1f}")
-        if world > 1:
-            dist.barrier()
-        epochs_this_run += 1
-        if preemption.agreed(world, device) or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
-            if epoch < args.epochs:
-                log(f"stopping after epoch {epoch}; resume with --resume")
-                return EXIT_PREEMPTED
-    log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, "
-        f"test accuracy {metrics[-1]['test_accuracy']:.4f}; checkpoint {out}")
-    if world > 1:
-        dist.destroy_process_group()
-    return 0
-
-
-def describe_machine(device: torch.device, world: int) -> str:
-    if device.type == "cuda":
-        name = f"{torch.cuda.get_device_name(device)}"
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"CPU {name}, {torch.get_num_threads()} threads"
-    return f"{world} x {name}" if world > 1 else name
+    run = Run(args, rank, world, device, trained, optimizer, scheduler, pre, train, test, files, log, start_label,
+              metrics, steps, autocast=device.type == "cuda")
+    status = run_epochs(run, preemption)
+    if status == 0:
+        log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, "
+            f"test accuracy {metrics[-1]['test_accuracy']:.4f}; checkpoint {files.checkpoint}")
+        teardown_distributed(world)
+    return status
 
 
 def save_epoch(model, optimizer, scheduler, metrics, args, pre, start_label, train_args, data_info,

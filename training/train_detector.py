@@ -27,13 +27,13 @@ from models.architectures import count_parameters
 from models.checkpoint import (CheckpointError, atomic_save, atomic_write_text, make_checkpoint, metrics_csv,
                                safe_load, unwrap)
 from models.detector import GROUPS, SignDetector, detect
+from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
-from training.data import default_data_root
 from training.detection_data import CropSampler, load_paste_signs
 from training.detection_metrics import detection_summary
 from training.gtsdb import load_frames, read_ground_truth, split_frames
-from training.train import (EXIT_PREEMPTED, PROJECT_ROOT, Logger, Preemption, describe_machine, init_weights,
-                            make_scheduler, setup_distributed)
+from training.train import init_weights, make_scheduler
+from training.utils import EXIT_PREEMPTED, Logger, Preemption, describe_machine, setup_distributed
 
 FRAME_SIDE = 1360  # GTSDB's frames are 1360x800: served photos are shrunk to this longer side
 METRIC_FIELDS = ("epoch", "train_loss", "val_precision", "val_recall", "val_map50", "score_threshold", "seconds")
@@ -44,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="detector", choices=["detector"])
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsdb/ and gtsrb/ (env GTSRB_ROOT)")
-    p.add_argument("--output", help="checkpoint path (default: $CHECKPOINT_DIR or models/checkpoints, /detector.pt)")
+    p.add_argument("--output", help="checkpoint path (default: detector.pt in $SIGNSERVE_CHECKPOINT_DIR, else "
+                                    "in models/checkpoints)")
     p.add_argument("--epochs", type=int, default=18)
     p.add_argument("--crops-per-epoch", type=int, default=2048, help="training windows per epoch, all ranks")
     p.add_argument("--batch-size", type=int, default=16, help="global batch size, split over DDP ranks")
@@ -142,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 1:
         raise SystemExit(f"--epochs must be at least 1, got {args.epochs}")
     if args.output is None:
-        import os
-        folder = os.environ.get("CHECKPOINT_DIR") or str(PROJECT_ROOT / "models" / "checkpoints")
-        args.output = str(Path(folder) / "detector.pt")
+        args.output = str(checkpoint_dir() / "detector.pt")
     rank, world, device = setup_distributed(args.device)
     args.world_size = world
     out = Path(args.output)

@@ -7,23 +7,23 @@ FastAPI runs them in its thread pool and a big matrix does not stall the event l
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 
-from app.dependencies import get_loaded_model
+from app.dependencies import Model
 from app.schemas.calculators import (
     ConvLayerRequest,
     ConvLayerResponse,
     ConvMatrixRequest,
     ConvMatrixResponse,
     ModelReceptiveFieldResponse,
-    OutputShape,
     ReceptiveFieldRequest,
     ReceptiveFieldResponse,
 )
-from models.checkpoint import LoadedModel, unwrap
-from models.conv_matrix import LATEX_MAX_ENTRIES, ConvMatrixError, MatrixTooLargeError, conv_matrix
+from models.calc import conv_layer_answer, conv_matrix_answer, receptive_field_answer
+from models.checkpoint import unwrap
+from models.conv_matrix import ConvMatrixError, MatrixTooLargeError, conv_matrix
 from models.conv_shapes import EmptyOutputError, conv_layer
 from models.receptive_field import (
     JumpTooLargeError,
@@ -40,9 +40,9 @@ def _unprocessable(kind: str, message: str, loc: tuple = ("body",)) -> HTTPExcep
     return HTTPException(422, detail=[{"type": kind, "loc": list(loc), "msg": message}])
 
 
-def _table(input_size: int, layers: list[LayerSpec], loc: tuple, per_layer: bool) -> list[dict]:
+def _table(input_size: int, layers: list[LayerSpec], loc: tuple, per_layer: bool) -> dict:
     try:
-        return [asdict(row) for row in receptive_field_table(input_size, layers)]
+        return receptive_field_answer(receptive_field_table(input_size, layers))
     except LayerDoesNotFitError as exc:
         raise _unprocessable("empty_output", str(exc), (*loc, exc.layer - 1) if per_layer else loc) from exc
     except JumpTooLargeError as exc:
@@ -53,19 +53,19 @@ def _table(input_size: int, layers: list[LayerSpec], loc: tuple, per_layer: bool
 def receptive_field(request: ReceptiveFieldRequest) -> dict:
     """Receptive field, jump, output size and field centre after each layer of a conv/pool stack."""
     layers = [LayerSpec(**layer.model_dump()) for layer in request.layers]
-    return {"layers": _table(request.input_size, layers, ("body", "layers"), per_layer=True)}
+    return _table(request.input_size, layers, ("body", "layers"), per_layer=True)
 
 
 @router.get("/v1/models/{name}/receptive-field", response_model=ModelReceptiveFieldResponse)
 def model_receptive_field(
-    loaded: LoadedModel = Depends(get_loaded_model),
-    input_size: int | None = Query(None, ge=1, le=4_096, description="defaults to the model's input size"),
+    loaded: Model,
+    input_size: Annotated[int | None, Query(ge=1, le=4_096, description="defaults to the model's input size")] = None,
 ) -> dict:
     """The table for a served model, read off its modules: every conv and pool layer along the deepest
     path (ResNet shortcuts skipped, as they add no depth)."""
     size = input_size or loaded.preprocessing.input_size
     return {"model": loaded.name, "architecture": loaded.architecture, "input_size": size,
-            "layers": _table(size, layers_of_module(unwrap(loaded.model)), ("query", "input_size"), per_layer=False)}
+            **_table(size, layers_of_module(unwrap(loaded.model)), ("query", "input_size"), per_layer=False)}
 
 
 @router.post("/v1/calculators/conv-layer", response_model=ConvLayerResponse)
@@ -77,9 +77,7 @@ def conv_layer_shape(request: ConvLayerRequest) -> dict:
                             request.stride, request.padding, request.dilation, request.bias)
     except EmptyOutputError as exc:
         raise _unprocessable("empty_output", str(exc)) from exc
-    return {"output_shape": OutputShape(height=result.output_height, width=result.output_width,
-                                        channels=result.output_channels),
-            "parameters": result.parameters, "multiply_adds": result.multiply_adds}
+    return conv_layer_answer(result)
 
 
 @router.post("/v1/calculators/conv-matrix", response_model=ConvMatrixResponse)
@@ -94,7 +92,4 @@ def convolution_matrix(request: ConvMatrixRequest) -> dict:
         raise _unprocessable("empty_output", str(exc)) from exc
     except ConvMatrixError as exc:
         raise _unprocessable("value_error", str(exc)) from exc
-    rows, cols = result.shape
-    return {"matrix": result.tolist(), "shape": (rows, cols), "input_shape": result.input_shape,
-            "output_shape": result.output_shape,
-            "latex": result.latex() if rows * cols <= LATEX_MAX_ENTRIES else None}
+    return conv_matrix_answer(result)

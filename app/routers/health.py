@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.dependencies import get_metrics, get_ready_service
-from app.observability import ServiceMetrics
+from app.dependencies import Metrics, ReadyService
 from app.schemas.health import ErrorResponse, Health, Readiness
-from app.service import Service
 
 router = APIRouter(tags=["health"])
 
@@ -22,11 +18,11 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, summary="Every model is loaded and warmed up",
             responses={503: {"model": ErrorResponse, "description": "still loading, or no model loads"}})
-async def readyz(service: Annotated[Service, Depends(get_ready_service)]) -> Readiness:
+async def readyz(service: ReadyService) -> Readiness:
     return Readiness(models=list(service.models), device=str(service.device), skipped=service.skipped())
 
 
 @router.get("/metrics", response_class=Response, tags=["monitoring"], summary="Prometheus metrics",
             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
-def prometheus_metrics(metrics: Annotated[ServiceMetrics, Depends(get_metrics)]) -> Response:
+def prometheus_metrics(metrics: Metrics) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

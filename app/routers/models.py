@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.dependencies import get_loaded_model, get_ready_service, get_registry
+from app.dependencies import Model, ReadyService
 from app.plots import training_curves_png
-from app.registry import ModelRegistry
 from app.schemas.health import ErrorResponse
 from app.schemas.models import BackendInfo, EpochMetrics, ModelInfo, ModelList, TrainingMetrics
 from app.service import Service
@@ -19,8 +16,6 @@ from models.checkpoint import METRIC_FIELDS, LoadedModel, metrics_csv
 router = APIRouter(prefix="/v1/models", tags=["models"],
                    responses={503: {"model": ErrorResponse, "description": "models still loading"}})
 
-Model = Annotated[LoadedModel, Depends(get_loaded_model)]
-ReadyService = Annotated[Service, Depends(get_ready_service)]
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown model"}}
 
 
@@ -37,9 +32,9 @@ def _backend(service: Service, name: str) -> BackendRecord | None:
 
 
 @router.get("", response_model=ModelList, summary="The served models")
-def list_models(registry: Annotated[ModelRegistry, Depends(get_registry)], service: ReadyService) -> ModelList:
-    return ModelList(models=[model_info(registry.get(n), _backend(service, n)) for n in registry.names()],
-                     default=registry.best() if len(registry) else None, skipped=service.skipped())
+def list_models(service: ReadyService) -> ModelList:
+    return ModelList(models=[model_info(served.loaded, served.backend) for served in service.models.values()],
+                     default=service.best(), skipped=service.skipped())
 
 
 @router.get("/{name}", response_model=ModelInfo, responses=NOT_FOUND, summary="One served model")

@@ -14,16 +14,13 @@ from app.dependencies import get_served_model, require_ready
 from app.decoding import decode_uploads
 from app.imaging import InputDecoder
 from app.schemas.health import ErrorResponse
-from app.schemas.predict import FileResult, Prediction, PredictQuery, PredictResponse
+from app.schemas.predict import PredictQuery, PredictResponse, predict_response
 from app.service import ServedModel
 from app.settings import Settings
-from app.uploads import Upload, read_request_files
+from app.uploads import FILE_FIELD, Upload, read_request_files
 from app.workers import WorkerDied
-from models.checkpoint import LoadedModel
 
 router = APIRouter(prefix="/v1", tags=["predict"])
-
-FILE_FIELD = "file"
 
 # The body is read in the route (to enforce limits while it streams), so FastAPI cannot
 # derive its schema from a parameter: this is what `list[UploadFile] = File(...)` would document.
@@ -114,17 +111,5 @@ async def predict(request: Request) -> PredictResponse:
     except WorkerDied as exc:  # already replaced; the client may simply retry
         raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
     metrics.prediction_duration.labels(served.loaded.name).observe(time.perf_counter() - started)
-    return answer(served.loaded, uploads, ranked, query.top_k)
+    return predict_response(served.loaded, uploads, ranked, query.top_k)
 
-
-def answer(model: LoadedModel, uploads: list[Upload], ranked: list[tuple[list[int], list[float]]],
-           top_k: int) -> PredictResponse:
-    """The response: per upload, its `top_k` most probable classes with their names."""
-    labels = model.class_names
-    return PredictResponse(model=model.name, results=[
-        FileResult(filename=upload.filename, predictions=[
-            Prediction(class_id=c, label=labels[c], probability=p)
-            for c, p in zip(class_ids[:top_k], probabilities[:top_k])
-        ])
-        for upload, (class_ids, probabilities) in zip(uploads, ranked)
-    ])

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, Field
 
 from models.classes import NUM_CLASSES
+
+if TYPE_CHECKING:
+    from app.uploads import Upload
+    from models.checkpoint import LoadedModel
 
 
 class PredictQuery(BaseModel):
@@ -34,3 +40,17 @@ class PredictResponse(BaseModel):
             {"class_id": 17, "label": "No entry", "probability": 0.004},
         ]}],
     }]}}
+
+
+def predict_response(model: LoadedModel, uploads: list[Upload], ranked: list[tuple[list[int], list[float]]],
+                     top_k: int) -> PredictResponse:
+    """The answer to POST /v1/predict: per upload, its `top_k` most probable classes with their names.
+    `ranked` holds, per upload, every class id by falling probability and the probabilities."""
+    labels = model.class_names
+    return PredictResponse(model=model.name, results=[
+        FileResult(filename=upload.filename, predictions=[
+            Prediction(class_id=c, label=labels[c], probability=p)
+            for c, p in zip(class_ids[:top_k], probabilities[:top_k])
+        ])
+        for upload, (class_ids, probabilities) in zip(uploads, ranked)
+    ])
