@@ -127,3 +127,44 @@ def test_ddp_job_runs_srun_torchrun_and_survives_preemption(tmp_path):
     _, text = preempt_and_resume(tmp_path, epochs=2, CPUS="2", NPROC_PER_NODE="2")
     assert "1 node(s) x 2 process(es)" in text
     assert len(re.findall(r"^model cnn .* on cpu x2;", text, re.MULTILINE)) == 2  # rank 0 only, per attempt
+
+
+# --- the request against what sinfo reports: never a job that can never start ---------------------------
+
+def submit(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "train", "MODEL=cnn", "EPOCHS=1", f"ARGS={SMALL}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SIGNSERVE_CHECKPOINT_DIR": str(tmp_path),
+                               "JOB_NAME": f"signserve-test-{uuid.uuid4().hex[:8]}", **env})
+
+
+def node_cpus() -> int:
+    out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%c"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return max(int(line) for line in out.split())
+
+
+@pytest.mark.parametrize("variable,value", [("CPUS", "4096"), ("GPUS", "1"), ("NODES", "64")])
+def test_a_request_no_node_can_run_is_refused_naming_the_variable(tmp_path, variable, value):
+    env = {variable: value}
+    if variable != "CPUS":
+        env["CPUS"] = "1"
+    if variable == "NODES":
+        env["GPUS"] = "0"
+    result = submit(tmp_path, **env)
+    assert result.returncode != 0 and "submitted job" not in result.stdout, result.stdout + result.stderr
+    assert f"submit.sh: {variable}={value} asks for" in result.stderr, result.stderr
+
+
+def test_the_scripts_default_cpus_are_clamped_to_the_largest_node(tmp_path):
+    cpus = node_cpus()
+    assert cpus < 4, "this check needs a node smaller than train.sbatch's --cpus-per-task=4"
+    result = submit(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"asks for --cpus-per-task=4, but the largest node in partition debug has {cpus}" in result.stdout
+    job_id = re.search(r"^submitted job (\d+)", result.stdout, re.MULTILINE).group(1)
+    try:
+        info = job_info(job_id)
+        assert info["NumCPUs"] == str(cpus) and info.get("Reason") != "PartitionConfig", info
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
