@@ -20,14 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
-from app.settings import Settings
 from bench.harness import free_port
 from helpers import encode
-
 from models.checkpoint import served_checkpoints
 from models.paths import DEFAULT_CHECKPOINT_DIR, PROJECT_ROOT as ROOT
 
@@ -87,21 +83,6 @@ def start_server(checkpoint_dir: Path, log_path: Path, **settings: str | int | f
             time.sleep(0.2)
 
 
-@contextmanager
-def in_process_app(checkpoint_dir: Path, **settings) -> Iterator[TestClient]:
-    """`create_app` in this process behind FastAPI's TestClient (lifespan included), once /readyz is 200.
-    Forwards run in threads of this process unless `settings` say otherwise."""
-    settings = {"worker_processes": False, "warmup": False, **settings}
-    app = create_app(Settings(checkpoint_dir=checkpoint_dir, **settings))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while (ready := client.get("/readyz")).status_code != 200:
-            if time.monotonic() > deadline or "no model could be loaded" in ready.text:
-                raise RuntimeError(f"the in-process app is not ready: {ready.text}")
-            time.sleep(0.05)
-        yield client
-
-
 @pytest.fixture(scope="session")
 def checkpoint_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the served checkpoints (*.pt, not resume *.state.pt) as they are now."""
@@ -129,9 +110,8 @@ def client(server: LiveServer) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def model_names(server: LiveServer) -> list[str]:
-    with server.client() as c:
-        return [m["name"] for m in c.get("/v1/models").json()["models"]]
+def model_names(inprocess) -> list[str]:
+    return [m["name"] for m in inprocess.get("/v1/models").json()["models"]]
 
 
 # --- sample images ----------------------------------------------------------------------------
@@ -185,6 +165,8 @@ def app_client(checkpoint_dir: Path, **settings) -> Iterator["TestClient"]:
 
 @pytest.fixture(scope="session")
 def inprocess(checkpoint_snapshot: Path) -> Iterator["TestClient"]:
-    """The app with its default settings, in process (most API tests need no real server)."""
+    """The app with its default settings, in process, serving the same snapshot as `server`: for the
+    validation, bad-input, metadata and metrics tests (no process to start, no HTTP hop per request).
+    End-to-end, batching, worker and shutdown tests use the real `server` process."""
     with app_client(checkpoint_snapshot) as client:
         yield client

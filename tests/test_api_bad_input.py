@@ -1,4 +1,7 @@
-"""Bad input gets a clear 4xx whose JSON `detail` names the problem; never a 500, a hang or a crash."""
+"""Bad input gets a clear 4xx whose JSON `detail` names the problem; never a 500, a hang or a crash.
+
+Most requests go to the app in this process (`inprocess`); the two that need a real socket (a body
+cut off mid-stream, a huge declared length) go to the real server process."""
 
 from __future__ import annotations
 
@@ -22,14 +25,32 @@ def expect(response, status: int, *words: str) -> None:
         assert word.lower() in text.lower(), (word, detail)
 
 
-@pytest.fixture(autouse=True)
-def server_stays_healthy(server, client, sign_png):
-    """After every bad request: the process lives, probes answer, a good image still classifies."""
-    yield
-    assert server.process.poll() is None, server.log()
+def assert_healthy(client, sign_png) -> None:
+    """Probes answer and a good image still classifies."""
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
     assert client.post("/v1/predict", files=files(("ok.png", sign_png))).status_code == 200
+
+
+@pytest.fixture(autouse=True)
+def app_stays_healthy(inprocess, sign_png):
+    """After every bad request the app still answers."""
+    yield
+    assert_healthy(inprocess, sign_png)
+
+
+@pytest.fixture
+def client(inprocess):
+    return inprocess
+
+
+@pytest.fixture
+def process_stays_healthy(server, sign_png):
+    """After a bad request over a real socket: the process lives, probes answer, a good image classifies."""
+    yield
+    assert server.process.poll() is None, server.log()
+    with server.client() as http:
+        assert_healthy(http, sign_png)
 
 
 def test_empty_file(client):
@@ -100,7 +121,7 @@ def read_response(sock: socket.socket) -> str:
     return (head + b"\r\n\r\n" + body).decode("latin-1")
 
 
-def test_size_limit_is_enforced_while_reading(server):
+def test_size_limit_is_enforced_while_reading(server, process_stays_healthy):
     """Declare a 50 MB file, send a bit more than 10 MB of it and stop: the 413 must come back
     without the server waiting for (or buffering) the rest."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -120,7 +141,7 @@ def test_size_limit_is_enforced_while_reading(server):
     assert "endless.bin" in reply and "10 MB" in reply
 
 
-def test_request_body_declared_larger_than_all_limits(server):
+def test_request_body_declared_larger_than_all_limits(server, process_stays_healthy):
     host, port = server.url.removeprefix("http://").split(":")
     request = (f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=x\r\n"
                f"Content-Length: {10 ** 12}\r\n\r\n").encode()

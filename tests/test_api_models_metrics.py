@@ -1,9 +1,10 @@
-"""GET /v1/models..., the training metrics and plot, probes and the OpenAPI page, over HTTP."""
+"""GET /v1/models..., the training metrics and plot, probes and the OpenAPI page (the app in this process)."""
 
 from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
 
 from models.checkpoint import METRIC_FIELDS, file_sha256, metrics_csv, safe_load, served_checkpoints
@@ -12,24 +13,29 @@ MODEL_FIELDS = {"name", "architecture", "parameters", "input_size", "test_accura
                 "checkpoint_sha256", "device", "backend"}
 
 
-def checkpoint(server, name: str) -> dict:
-    return safe_load(server.checkpoint_dir / f"{name}.pt")
+@pytest.fixture
+def client(inprocess):
+    return inprocess
 
 
-def test_models_list_describes_every_checkpoint(server, client):
+def checkpoint(checkpoint_dir, name: str) -> dict:
+    return safe_load(checkpoint_dir / f"{name}.pt")
+
+
+def test_models_list_describes_every_checkpoint(checkpoint_snapshot, client):
     body = client.get("/v1/models").json()
     names = [m["name"] for m in body["models"]]
-    served = [p.stem for p in served_checkpoints(server.checkpoint_dir)]
+    served = [p.stem for p in served_checkpoints(checkpoint_snapshot)]
     assert sorted(names) == served
     for info in body["models"]:
         assert set(info) == MODEL_FIELDS
-        ckpt = checkpoint(server, info["name"])
+        ckpt = checkpoint(checkpoint_snapshot, info["name"])
         assert info["architecture"] == ckpt["architecture"]
         assert info["input_size"] == ckpt["preprocessing"]["input_size"]
         assert info["epochs"] == len(ckpt["metrics"])
         assert info["test_accuracy"] == ckpt["metrics"][-1]["test_accuracy"]
         assert info["start_weights"] == ckpt["start_weights"]
-        assert info["checkpoint_sha256"] == file_sha256(server.checkpoint_dir / f"{info['name']}.pt")
+        assert info["checkpoint_sha256"] == file_sha256(checkpoint_snapshot / f"{info['name']}.pt")
         assert info["parameters"] > 100_000
         assert info["device"] in ("cpu", "cuda", "cuda:0")
         # the suite's server runs torch (tests/conftest.py); other backends: tests/test_backends.py
@@ -50,9 +56,9 @@ def test_unknown_model_is_404_everywhere(client):
         assert "vgg99" in response.json()["detail"]
 
 
-def test_metrics_json_and_csv_match_the_checkpoint(server, client, model_names):
+def test_metrics_json_and_csv_match_the_checkpoint(checkpoint_snapshot, client, model_names):
     for name in model_names:
-        recorded = checkpoint(server, name)["metrics"]
+        recorded = checkpoint(checkpoint_snapshot, name)["metrics"]
         epochs = client.get(f"/v1/models/{name}/metrics").json()["epochs"]
         assert len(epochs) == len(recorded) >= 1
         for got, want in zip(epochs, recorded):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
-from conftest import in_process_app
+from conftest import app_client
 from models.architectures import build_model
 from models.checkpoint import atomic_save, make_checkpoint
 from models.classes import NUM_CLASSES
@@ -32,7 +32,7 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
                                      preprocessing=Preprocessing(input_size=size), start_weights="random",
                                      metrics=[], train_args={}, data={}, half=True)
         atomic_save(checkpoint, directory / f"{architecture}.pt")
-    with in_process_app(directory) as client:
+    with app_client(directory) as client:
         yield client
 
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import in_process_app
+from conftest import app_client
 from models.architectures import build_model
 from models.checkpoint import atomic_save, make_checkpoint
 from models.classes import NUM_CLASSES
@@ -76,7 +76,7 @@ def page(tmp_path):
         response = client.request(request.method, path, content=request.post_data_buffer, headers=request.headers)
         route.fulfill(status=response.status_code, headers=dict(response.headers), body=response.content)
 
-    with in_process_app(_checkpoints(tmp_path)) as client, sync_api.sync_playwright() as playwright:
+    with app_client(_checkpoints(tmp_path)) as client, sync_api.sync_playwright() as playwright:
         try:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         except Exception as exc:  # no bundled browser and no system Chromium

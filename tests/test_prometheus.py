@@ -1,8 +1,15 @@
-"""GET /metrics: the Prometheus exposition reflects the traffic the server has seen."""
+"""GET /metrics: the Prometheus exposition reflects the traffic the app has seen (the app in this process)."""
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import files, samples, value
+
+
+@pytest.fixture
+def client(inprocess):
+    return inprocess
 
 
 def scrape(client) -> dict:
