@@ -8,6 +8,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from app.main import create_app
+from app.server import with_header_timeout
 from app.settings import get_settings
 
 
@@ -17,7 +18,10 @@ def main() -> None:
     log_config["loggers"]["signserve"] = {"handlers": ["default"], "level": settings.log_level.upper(),
                                           "propagate": False}
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log, log_config=log_config)
+                access_log=settings.access_log, log_config=log_config,
+                http=with_header_timeout(settings.header_timeout_s),
+                timeout_keep_alive=settings.keep_alive_timeout_s,
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)
 
 
 if __name__ == "__main__":

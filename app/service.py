@@ -56,7 +56,7 @@ def worker_pool(settings: Settings, plan: ExecutionPlan, device: torch.device, p
                                    threads=plan.torch_threads or 1,
                                    warmup_batch_size=settings.max_batch_size if settings.warmup else None,
                                    nice=settings.worker_nice, backends=backends)
-    return WorkerPool(config, plan.instances)
+    return WorkerPool(config, plan.instances, timeout_s=settings.worker_timeout_s)
 
 
 @dataclass
@@ -141,6 +141,7 @@ class Service:
                                        {name: backend for name, (_, backend, _, _, _) in loaded.items()})
             try:
                 await asyncio.to_thread(self.workers.start)
+                self.workers.start_watchdog()
             except Exception as exc:
                 log.error("the forward workers did not start: %s", exc)
                 self.load_errors["workers"] = str(exc)

@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(60.0, gt=0, description="time a client has to send a request body, from its "
                                   "first byte; beyond: 408 and the connection closed")
 
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's headers, "
+                                    "from its first byte (or from connecting); beyond: 408, connection closed")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this")
+    shutdown_timeout_s: int = Field(20, ge=1, description="on SIGTERM, how long requests in flight may take to "
+                                    "finish before they are cancelled and the process exits")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline for a request's images to be classified, "
+                                     "from when they are queued; beyond: 504")
+    worker_timeout_s: float = Field(20.0, gt=0, description="a forward worker that answers neither a batch nor "
+                                    "a liveness ping within this is killed and replaced")
+
     @model_validator(mode="after")
     def _budgets(self) -> "Settings":
         if self.max_request_pixels > self.max_decoding_pixels:

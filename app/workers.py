@@ -34,6 +34,7 @@ from models.backends import BackendRecord
 log = logging.getLogger("signserve")
 
 Ranked = list[tuple[list[int], list[float]]]
+PING = "ping"  # the watchdog's liveness check; a worker answers ("ok", None)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
                 return
             if message is None:
                 return
+            if message == PING:
+                conn.send(("ok", None))
+                continue
             name, shape, pixels = message
             try:
                 images = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(shape)
@@ -88,7 +92,11 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
 
 
 class WorkerDied(RuntimeError):
-    pass
+    """The batch's worker died and the batch could not be retried: the client may retry (503)."""
+
+
+class WorkerHung(RuntimeError):
+    """The batch's worker did not answer in time; it has been killed and is being replaced (504)."""
 
 
 # multiprocessing.Connection's framing, which the worker reads and writes: a signed 32-bit length,
@@ -120,19 +128,35 @@ class WorkerPool:
     whichever worker is idle. The event loop talks to each worker's socket itself (asyncio streams,
     no thread per forward), so a batch costs the server one write and one read, never a GIL hand-off.
 
+    A watchdog keeps the pool whole. A worker that does not answer a batch, or an idle worker that
+    does not answer a ping, within `timeout_s` is killed (SIGKILL stops even a stopped process) and
+    a replacement starts in the background; its batch fails with WorkerHung. A worker found dead
+    (its socket closed) is replaced the same way, and its batch is retried once on another worker,
+    so a worker that died while idle costs the next batch nothing. Until a replacement is ready,
+    `running` is below `processes`: /readyz reports the capacity as degraded.
+
     `nice` lowers the workers' CPU priority: when the cores are oversubscribed the event loop, which
     parses requests and feeds the batcher, runs first, so images reach the queue sooner and the
     forwards run on fuller batches (ResNet18 reads its 45 MB of weights once per forward, so on a
     CPU its cost per image falls steeply with the batch)."""
 
-    def __init__(self, config: WorkerConfig, processes: int) -> None:
+    def __init__(self, config: WorkerConfig, processes: int, timeout_s: float = 20.0) -> None:
         self.config = config
         self.processes = processes
+        self.timeout_s = timeout_s
         self._context = multiprocessing.get_context("spawn")  # no fork: torch and threads do not mix with it
         self._idle: deque[_Worker] = deque()
-        self._slots: asyncio.Semaphore | None = None  # one per idle worker
+        self._changed: asyncio.Condition | None = None  # notified when a worker becomes idle
         self._all: list[_Worker] = []
+        self._replacing: set[asyncio.Task] = set()
+        self._watchdog: asyncio.Task | None = None
         self._closed = False
+        self._started = False
+
+    @property
+    def running(self) -> int:
+        """Workers alive and answering (not counting replacements still loading)."""
+        return len(self._all)
 
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe()
@@ -151,6 +175,15 @@ class WorkerPool:
         if status != "ready":
             raise WorkerDied(f"forward worker could not load the models: {detail}")
 
+    def _start_one(self) -> _Worker:
+        worker = self._spawn()
+        try:
+            self._await_ready(worker)
+        except BaseException:
+            worker.process.kill()
+            raise
+        return worker
+
     def start(self) -> None:
         """Start every worker and wait until each has loaded and warmed up (blocking; run it in a
         thread from async code)."""
@@ -164,7 +197,7 @@ class WorkerPool:
             raise
         self._all.extend(workers)
         self._idle.extend(workers)
-        self._slots = asyncio.Semaphore(len(workers))
+        self._started = True
 
     def forward(self, name: str) -> Callable[[torch.Tensor], Awaitable[Ranked]]:
         async def run(images: torch.Tensor) -> Ranked:
@@ -172,49 +205,126 @@ class WorkerPool:
 
         return run
 
+    def start_watchdog(self) -> None:
+        """Start pinging idle workers (call it on the loop that runs the forwards, after `start`)."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="forward-watchdog")
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _take(self) -> _Worker:
+        changed = self._condition()
+        async with changed:
+            await changed.wait_for(lambda: self._idle or self._closed)
+            if self._closed:
+                raise WorkerDied("the forward workers are shutting down")
+            return self._idle.popleft()
+
+    async def _give_back(self, worker: _Worker) -> None:
+        changed = self._condition()
+        async with changed:
+            if not self._closed:
+                self._idle.append(worker)
+                changed.notify()
+
     async def run(self, name: str, images: torch.Tensor) -> Ranked:
         """One batch on an idle worker. Cancelling the caller does not cancel the exchange: the
         worker's answer is still read, so it can never be taken for the next batch's."""
-        if self._slots is None or self._closed:
+        if not self._started or self._closed:
             raise WorkerDied("no forward worker is running")
-        await self._slots.acquire()
         message = (name, tuple(images.shape), images.contiguous().numpy().tobytes())
-        exchange = asyncio.get_running_loop().create_task(self._exchange(self._idle.popleft(), message))
-        status, result = await asyncio.shield(exchange)
-        if status != "ok":
-            raise RuntimeError(f"forward failed in the worker: {result}")
-        return result
-
-    async def _exchange(self, worker: _Worker, message: tuple) -> tuple[str, object]:
-        try:
+        for attempt in range(2):
+            worker = await self._take()
+            exchange = asyncio.get_running_loop().create_task(self._exchange(worker, message))
             try:
+                status, result = await asyncio.shield(exchange)
+            except WorkerDied:
+                if attempt == 0 and len(self._all) > 0:
+                    continue  # on another worker (or the replacement, once it is ready)
+                raise
+            if status != "ok":
+                raise RuntimeError(f"forward failed in the worker: {result}")
+            return result
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, worker: _Worker, message: object) -> tuple[str, object]:
+        """Send one message and read the answer; the worker goes back to the idle ones, or is retired."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
                 reader, writer = await worker.streams()
                 payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
                 writer.writelines([_FRAME.pack(len(payload)), payload])
                 await writer.drain()
                 [size] = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-                return pickle.loads(await reader.readexactly(size))
-            except (EOFError, OSError):  # IncompleteReadError is an EOFError
-                worker = await asyncio.to_thread(self._replace, worker)
-                raise WorkerDied("a forward worker died during this batch; it has been restarted") from None
-        finally:
-            if not self._closed:
-                self._idle.append(worker)
-                self._slots.release()
+                answer = pickle.loads(await reader.readexactly(size))
+        except TimeoutError:
+            self._retire(worker, f"did not answer within {self.timeout_s:g} s")
+            raise WorkerHung(f"the forward worker did not answer within {self.timeout_s:g} s; it has been "
+                             f"replaced") from None
+        except (EOFError, OSError):  # IncompleteReadError is an EOFError
+            self._retire(worker, "died")
+            raise WorkerDied("a forward worker died during this batch; it has been restarted") from None
+        await self._give_back(worker)
+        return answer
 
-    def _replace(self, dead: _Worker) -> _Worker:
-        log.error("forward worker %s died (exit code %s); starting another", dead.process.pid, dead.process.exitcode)
-        dead.close_streams()
-        dead.conn.close()
-        self._all = [w for w in self._all if w is not dead]
-        worker = self._spawn()
-        self._await_ready(worker)
-        self._all.append(worker)
-        return worker
+    def _retire(self, worker: _Worker, why: str) -> None:
+        """Kill `worker` and start its replacement in the background."""
+        log.error("forward worker %s %s; starting another", worker.process.pid, why)
+        if worker in self._all:
+            self._all.remove(worker)
+        worker.close_streams()
+        worker.process.kill()
+        worker.conn.close()
+        if not self._closed:
+            task = asyncio.get_running_loop().create_task(self._replace(worker))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, dead: _Worker) -> None:
+        await asyncio.to_thread(dead.process.join, 5)  # reap it: no zombie left behind
+        delay = 0.5
+        while not self._closed:
+            try:
+                worker = await asyncio.to_thread(self._start_one)
+            except Exception as exc:  # keep trying: a transient failure must not shrink the pool for good
+                log.error("a replacement forward worker failed to start: %s; retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+                continue
+            if self._closed:
+                worker.process.kill()
+                return
+            self._all.append(worker)
+            await self._give_back(worker)
+            log.info("forward worker %s ready (%d of %d running)", worker.process.pid, self.running, self.processes)
+            return
+
+    async def _watch(self) -> None:
+        """Ping each idle worker every timeout_s / 2; one that is dead or does not answer is replaced."""
+        while not self._closed:
+            await asyncio.sleep(self.timeout_s / 2)
+            for worker in list(self._idle):
+                if self._closed or worker not in self._idle:
+                    continue
+                self._idle.remove(worker)
+                try:
+                    await self._exchange(worker, PING)
+                except (WorkerDied, WorkerHung):
+                    pass  # retired, its replacement on the way
 
     async def close(self, timeout_s: float = 5) -> None:
         """Stop every worker (call it on the loop that ran the forwards)."""
         self._closed = True
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in list(self._replacing):
+            task.cancel()
         for worker in self._all:
             worker.close_streams()
         await asyncio.to_thread(self._stop_processes, timeout_s)

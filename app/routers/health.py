@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.dependencies import Metrics, ReadyService
@@ -17,9 +17,17 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Readiness, summary="Every model is loaded and warmed up",
-            responses={503: {"model": ErrorResponse, "description": "still loading, or no model loads"}})
+            responses={503: {"model": ErrorResponse, "description": "still loading, no model loads, or no "
+                                                                 "forward worker running"}})
 async def readyz(service: ReadyService) -> Readiness:
-    return Readiness(models=list(service.models), device=str(service.device), skipped=service.skipped())
+    workers = service.workers
+    running, expected = (workers.running, workers.processes) if workers else (None, None)
+    if workers and running == 0:
+        raise HTTPException(503, "no forward worker is running; replacements are starting",
+                            headers={"Retry-After": "2"})
+    return Readiness(status="degraded" if workers and running < expected else "ready", models=list(service.models),
+                     device=str(service.device), workers_running=running, workers_expected=expected,
+                     skipped=service.skipped())
 
 
 @router.get("/metrics", response_class=Response, tags=["monitoring"], summary="Prometheus metrics",

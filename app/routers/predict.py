@@ -18,7 +18,7 @@ from app.schemas.predict import PredictQuery, PredictResponse, predict_response
 from app.service import ServedModel
 from app.settings import Settings
 from app.uploads import FILE_FIELD, Upload, read_request_files
-from app.workers import WorkerDied
+from app.workers import WorkerDied, WorkerHung
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -38,6 +38,7 @@ OPENAPI_EXTRA = {
             "required": [FILE_FIELD],
             "properties": {FILE_FIELD: {
                 "type": "array",
+                "minItems": 1,
                 "items": {"type": "string", "format": "binary"},
                 "description": "one or more images (PNG, JPEG, PPM, WebP, BMP, GIF, ...); repeat the "
                                "field for a batch",
@@ -79,6 +80,8 @@ async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
                              "file that is missing, empty or not a readable image (`detail` names it)"},
         503: {"model": ErrorResponse, "description": "queue full, models still loading, or a forward worker "
                                                       "restarting; see Retry-After"},
+        504: {"model": ErrorResponse, "description": "the images were not classified within the request "
+                                                      "deadline, or their forward worker stopped answering"},
     },
 )
 async def predict(request: Request) -> PredictResponse:
@@ -106,10 +109,24 @@ async def predict(request: Request) -> PredictResponse:
         except QueueFull as exc:
             metrics.queue_rejections.labels(served.loaded.name).inc()
             raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    try:
-        ranked = await asyncio.gather(*futures)  # per image: (class ids, probabilities), most probable first
-    except WorkerDied as exc:  # already replaced; the client may simply retry
-        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+    ranked = await await_results(futures, settings.request_timeout_s)
     metrics.prediction_duration.labels(served.loaded.name).observe(time.perf_counter() - started)
     return predict_response(served.loaded, uploads, ranked, query.top_k)
+
+
+async def await_results(futures: list[asyncio.Future], timeout_s: float) -> list:
+    """The queued images' results, in order; 504 past the request's deadline (its images still queued
+    are dropped) or when the forward worker hung, 503 + Retry-After when it died."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.gather(*futures)
+    except TimeoutError:
+        for future in futures:
+            future.cancel()
+        raise HTTPException(504, f"the model did not answer within {timeout_s:g} s "
+                                 f"(SIGNSERVE_REQUEST_TIMEOUT_S)") from None
+    except WorkerHung as exc:
+        raise HTTPException(504, str(exc)) from None
+    except WorkerDied as exc:  # already replaced; the client may simply retry
+        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
 

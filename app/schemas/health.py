@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -13,9 +15,13 @@ class SkippedCheckpoint(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str = Field("ready", description="ready once every model is loaded and warmed up")
+    status: Literal["ready", "degraded"] = Field("ready", description="ready once every model is loaded and "
+                                                "warmed up; degraded while a forward worker is being replaced")
     models: list[str]
     device: str
+    workers_running: int | None = Field(None, description="forward worker processes answering (null: forwards "
+                                                          "run in threads of the server)")
+    workers_expected: int | None = Field(None, description="forward worker processes at full capacity")
     skipped: list[SkippedCheckpoint] = Field([], description="checkpoints that failed validation or loading; "
                                                              "the others are served")
 
