@@ -18,6 +18,7 @@ from app.http_limits import RequestLimitsMiddleware, validation_error_handler
 from app.memory import keep_large_blocks_apart
 from app.observability import PrometheusMiddleware, ServiceMetrics
 from app.routers import calculators, health, models, predict
+from app.security import SecurityHeadersMiddleware, add_offline_docs
 from app.service import Service
 from app.settings import Settings, get_settings
 
@@ -62,11 +63,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Upload a photo of a traffic sign, get the sign. The upload page is at [/](/).",
         version="1.0.0",
         lifespan=lifespan,
+        docs_url=None,  # served from installed files by add_offline_docs, not from a CDN
+        redoc_url=None,
     )
     metrics = ServiceMetrics()
     app.state.service = Service(settings=settings, metrics=metrics)
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(PrometheusMiddleware, metrics=metrics)  # outermost: counts what the limits refuse too
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Rejected, _rejected)
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(calculators.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    add_offline_docs(app, STATIC_DIR)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

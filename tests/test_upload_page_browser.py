@@ -87,3 +87,20 @@ def test_upload_page_shows_the_error_detail(browser, server, tmp_path):
     page.wait_for_selector("#status.error")
     assert "not-a-sign.png" in page.inner_text("#status")
     page.close()
+
+
+def test_api_docs_render_offline_under_the_content_security_policy(browser, server):
+    """/docs in Chromium with every request off this server refused: Swagger UI still lists the
+    operations (its files are served by the service) and the page logs no CSP violation."""
+    page = browser.new_page()
+    outside, errors = [], []
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.url)
+               else (outside.append(route.request.url), route.abort()))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.goto(f"{server.url}/docs")
+    page.wait_for_selector(".opblock", timeout=30_000)
+    operations = page.locator(".opblock-summary-path").all_inner_texts()
+    assert "/v1/predict" in " ".join(operations) and len(operations) >= 10, operations
+    assert outside == [], outside
+    assert not [e for e in errors if "Content Security Policy" in e], errors
+    page.close()

@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from app.dependencies import Model
+from app.schemas.health import ErrorResponse
 from app.schemas.calculators import (
     ConvLayerRequest,
     ConvLayerResponse,
@@ -56,7 +57,9 @@ def receptive_field(request: ReceptiveFieldRequest) -> dict:
     return _table(request.input_size, layers, ("body", "layers"), per_layer=True)
 
 
-@router.get("/v1/models/{name}/receptive-field", response_model=ModelReceptiveFieldResponse)
+@router.get("/v1/models/{name}/receptive-field", response_model=ModelReceptiveFieldResponse, responses={
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    503: {"model": ErrorResponse, "description": "models still loading"}})
 def model_receptive_field(
     loaded: Model,
     input_size: Annotated[int | None, Query(ge=1, le=4_096, description="defaults to the model's input size")] = None,

@@ -154,7 +154,8 @@ class ConvMatrixRequest(_Strict):
 class ConvMatrixResponse(BaseModel):
     matrix: list[list[Entry]] = Field(..., description="rows: output positions; columns: unpadded input pixels, "
                                                          "both flattened channel-major then row-major")
-    shape: tuple[int, int]
-    input_shape: tuple[int, int, int] = Field(..., description="C, H, W")
-    output_shape: tuple[int, int, int] = Field(..., description="C, H, W")
+    # lists of fixed length rather than tuples: the same JSON, a schema every OpenAPI 3.1 tool reads
+    shape: list[int] = Field(..., min_length=2, max_length=2, description="rows, columns")
+    input_shape: list[int] = Field(..., min_length=3, max_length=3, description="C, H, W")
+    output_shape: list[int] = Field(..., min_length=3, max_length=3, description="C, H, W")
     latex: str | None = Field(..., description="a bmatrix; null above models.conv_matrix.LATEX_MAX_ENTRIES")
