@@ -35,6 +35,7 @@ evaluate: setup
 
 bench: setup
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.detect
 
 # docker/compose.yaml on $(HOST):$(PORT) with Docker, or podman where there is no Docker daemon
 # (docker/container.sh: builds the image, starts the api service, waits for its healthcheck).

@@ -66,7 +66,8 @@ class _Item:
 class DynamicBatcher:
     def __init__(self, forward: ForwardFn, *, max_batch_size: int = 64, max_wait_s: float = 0.002,
                  queue_size: int = 1024, instances: int = 1, name: str = "model",
-                 on_batch: BatchObserver | None = None) -> None:
+                 on_batch: BatchObserver | None = None,
+                 collate: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack) -> None:
         if max_batch_size < 1 or queue_size < 1 or instances < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size, queue_size and instances must be >= 1, max_wait_s >= 0")
         self.forward = forward  # the model's forward path; app.service.Service.forward_path says which
@@ -76,6 +77,7 @@ class DynamicBatcher:
         self.instances = instances
         self.name = name
         self.on_batch = on_batch
+        self.collate = collate  # images -> one batch tensor (the detector pads frames of unequal sizes)
         self._items: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._executor = None if inspect.iscoroutinefunction(forward) else \
@@ -197,7 +199,7 @@ class DynamicBatcher:
         return batch
 
     def _forward_batch(self, images: list[torch.Tensor]) -> Sequence:
-        return self.forward(torch.stack(images))
+        return self.forward(self.collate(images))
 
     async def _run(self) -> None:
         while True:
@@ -223,7 +225,7 @@ class DynamicBatcher:
             images = [item.image for item in batch]
             # The forward itself: a worker process's Predictor (awaited) or this process's (in a thread).
             if self._executor is None:
-                results = await self.forward(torch.stack(images))
+                results = await self.forward(self.collate(images))
             else:
                 results = await loop.run_in_executor(self._executor, self._forward_batch, images)
         except Exception as exc:  # a failing forward fails its batch, not the batcher

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from models.backends import BackendRecord, Forward, Job, load_forward, select
 from models.checkpoint import LoadedModel
 from models.export import InputSpec, checkpoint_metadata
+from models.detector import detect
 from models.preprocessing import normalize
 
 log = logging.getLogger("signserve")
@@ -65,6 +67,8 @@ class Predictor:
         probabilities, class_ids = self(images).sort(dim=1, descending=True)
         return list(zip(class_ids.tolist(), probabilities.tolist()))
 
+    run = ranked  # the handler contract every model kind answers (app.workers calls `run`)
+
     def warmup(self, max_batch_size: int) -> None:
         """Run every power-of-two batch size up to the maximum once, so the first requests do not pay
         for lazy initialisation (oneDNN primitives, CUDA context and kernels, allocator pools)."""
@@ -111,9 +115,11 @@ def choose_backend(loaded: LoadedModel, request: str, *, cache_dir: Path, batch_
                    threads: int, half: bool = True) -> BackendRecord:
     """The backend record a classifier is served with (models.backends.select; cached per checkpoint,
     machine and thread count). `torch` skips the export, parity and timing altogether."""
-    if request == "torch" or loaded.device.type == "cuda":
+    if request == "torch" or loaded.device.type == "cuda" or loaded.architecture == "detector":
         precision = "fp16" if half and loaded.device.type == "cuda" else "fp32"
         reason = "SIGNSERVE_BACKEND=torch" if request == "torch" else \
+            "the detector runs on torch (its exports are not parity-checked yet)" \
+            if loaded.architecture == "detector" else \
             f"CUDA: torch {precision} (the CPU runtimes do not apply; TensorRT is not wired in)"
         return BackendRecord("torch", precision, reason=reason, threads=threads)
     try:
@@ -123,3 +129,46 @@ def choose_backend(loaded: LoadedModel, request: str, *, cache_dir: Path, batch_
         reason = f"choosing a backend failed ({type(exc).__name__}: {exc}): torch fp32"
         log.error("%s: %s", loaded.name, reason)
         return BackendRecord("torch", "fp32", reason=reason, threads=threads)
+# Boxes are found down to this score; the route keeps those at or above the caller's min_score.
+DETECTION_FLOOR = 0.05
+
+Found = list[tuple[tuple[float, float, float, float], float, int]]  # (box, score, group) per sign
+
+
+class DetectorPredictor:
+    """uint8 frames [N, 3, H, W] -> per frame, (box, score, group) of every sign by falling score,
+    boxes in the frames' pixels. The detector's counterpart of `Predictor.run`: same precision,
+    memory format and device rules, plain lists out."""
+
+    def __init__(self, loaded: LoadedModel, *, half: bool = True, channels_last: bool = True) -> None:
+        self.loaded = loaded
+        self.device = loaded.device
+        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
+        self.model = copy.deepcopy(loaded.model).to(device=self.device, dtype=self.dtype).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    def run(self, images: torch.Tensor) -> list[Found]:
+        images = images.to(self.device)
+        found = detect(self.model, images, self.loaded.preprocessing, min_score=DETECTION_FLOOR, dtype=self.dtype)
+        return [[(d.box, d.score, d.group) for d in frame] for frame in found]
+
+    def warmup(self, max_batch_size: int) -> None:
+        """One frame of the benchmark's size: the first request then finds oneDNN's kernels ready."""
+        side = self.loaded.preprocessing.input_size
+        self.run(torch.zeros(1, 3, side * 800 // 1360, side, dtype=torch.uint8))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def make_predictor(loaded: LoadedModel, *, half: bool = True, channels_last: bool = True,
+                   backend: BackendRecord | None = None, threads: int | None = None) -> Predictor | DetectorPredictor:
+    """The handler for a checkpoint's kind: a classifier's Predictor (on its chosen backend) or the
+    DetectorPredictor (torch)."""
+    if loaded.architecture == "detector":
+        return DetectorPredictor(loaded, half=half, channels_last=channels_last)
+    return Predictor(loaded, half=half, channels_last=channels_last, backend=backend, threads=threads)

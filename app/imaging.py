@@ -190,6 +190,7 @@ class SceneDecoder:
 
     def load(self, image: Image.Image, name: str, declared_size: tuple[int, int]) -> DecodedImage:
         _load(image, name)
+        rgb = None
         try:
             oriented = ImageOps.exif_transpose(image) if _needs_transpose(image) else image
             swapped = oriented.size != image.size
@@ -203,7 +204,8 @@ class SceneDecoder:
             raise ImageRejected(422, f"image {name!r} ({image.mode} mode) could not be converted to RGB: "
                                      f"{_first_line(exc)}") from None
         finally:
-            image.close()
+            if rgb is not image:  # an upright RGB photo already at size is returned as it is
+                image.close()
         return DecodedImage(rgb, original, (original[0] / target[0], original[1] / target[1]))
 
 

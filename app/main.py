@@ -17,7 +17,7 @@ from app.errors import Rejected
 from app.http_limits import RequestLimitsMiddleware, validation_error_handler
 from app.memory import keep_large_blocks_apart
 from app.observability import PrometheusMiddleware, ServiceMetrics
-from app.routers import calculators, health, models, predict
+from app.routers import calculators, detect, health, models, predict
 from app.security import SecurityHeadersMiddleware, add_offline_docs
 from app.service import Service
 from app.settings import Settings, get_settings
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error)
 
     app.include_router(predict.router)
+    app.include_router(detect.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(calculators.router)

@@ -17,13 +17,14 @@ import torch
 
 from app.batching import DynamicBatcher, ForwardFn
 from app.decoding import DecodeBudget
-from app.engine import Predictor, choose_backend, select_device
+from app.engine import DetectorPredictor, Predictor, choose_backend, make_predictor, select_device
 from app.observability import ServiceMetrics
 from app.schemas.health import SkippedCheckpoint
 from app.settings import Settings, available_cores
 from app.workers import WorkerPool
 from models.backends import BackendRecord
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
+from models.detector import pad_stack
 
 log = logging.getLogger("signserve")
 
@@ -59,12 +60,25 @@ def worker_pool(settings: Settings, plan: ExecutionPlan, device: torch.device, p
     return WorkerPool(config, plan.instances, timeout_s=settings.worker_timeout_s)
 
 
+# A frame is ~1 Mpx: a few per forward already fill the cores, and a larger batch only holds the
+# first frame's answer back.
+DETECTOR_MAX_BATCH = 4
+
+
+def batching_for(model: LoadedModel, max_batch_size: int) -> dict:
+    """The batcher's per-kind settings: frames of unequal sizes are padded into one batch."""
+    if model.architecture != "detector":
+        return {"max_batch_size": max_batch_size}
+    return {"max_batch_size": min(max_batch_size, DETECTOR_MAX_BATCH),
+            "collate": lambda frames: pad_stack(frames, model.preprocessing)}
+
+
 @dataclass
 class ServedModel:
     loaded: LoadedModel
     batcher: DynamicBatcher
     load_seconds: float
-    predictor: Predictor | None = None  # the in-process forward; None when worker processes run it
+    predictor: Predictor | DetectorPredictor | None = None  # the in-process forward; None in worker processes
     backend: BackendRecord | None = None  # what runs the forward, and why (models.backends)
 
 
@@ -87,10 +101,11 @@ class Service:
         return [SkippedCheckpoint(file=file, reason=reason) for file, reason in self.load_errors.items()]
 
     def best(self) -> str | None:
-        """The name of the model with the highest final test accuracy (the default for /v1/predict)."""
-        if not self.models:
+        """The classifier with the highest final test accuracy (the default for /v1/predict)."""
+        classifiers = [n for n, m in self.models.items() if m.loaded.architecture != "detector"]
+        if not classifiers:
             return None
-        return max(self.models, key=lambda n: self.models[n].loaded.test_accuracy or 0.0)
+        return max(classifiers, key=lambda n: self.models[n].loaded.test_accuracy or 0.0)
 
     def check_startup(self) -> list[Path]:
         """Fail start-up at once on what no waiting fixes: no checkpoints, or an impossible device."""
@@ -109,7 +124,7 @@ class Service:
                  plan.torch_threads or torch.get_num_threads())
         return paths
 
-    def _load_one(self, path: Path) -> tuple[LoadedModel, BackendRecord, Predictor | None]:
+    def _load_one(self, path: Path) -> tuple[LoadedModel, BackendRecord, Predictor | DetectorPredictor | None]:
         s = self.settings
         loaded = load_checkpoint(path, device=self.device, name=path.stem)
         threads = self.plan.torch_threads or torch.get_num_threads()
@@ -117,7 +132,8 @@ class Service:
                                  parity_images=s.backend_parity_images, threads=threads, half=s.half)
         if self.plan.processes:
             return loaded, backend, None  # metadata here; the workers load their own copy to run
-        predictor = Predictor(loaded, half=s.half, channels_last=s.channels_last, backend=backend, threads=threads)
+        predictor = make_predictor(loaded, half=s.half, channels_last=s.channels_last, backend=backend,
+                                   threads=threads)
         if s.warmup:
             predictor.warmup(s.max_batch_size)
         return loaded, backend, predictor
@@ -161,12 +177,12 @@ class Service:
         if not self.ready:
             log.error("no model could be loaded; /readyz stays 503")
 
-    def _serve(self, name: str, model: LoadedModel, backend: BackendRecord, predictor: Predictor | None,
-               seconds: float) -> None:
+    def _serve(self, name: str, model: LoadedModel, backend: BackendRecord,
+               predictor: Predictor | DetectorPredictor | None, seconds: float) -> None:
         s, plan = self.settings, self.plan
-        batcher = DynamicBatcher(self.forward_path(name, predictor), max_batch_size=s.max_batch_size,
-                                 max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size, instances=plan.instances,
-                                 name=name, on_batch=self.metrics.batch_observer(name))
+        batcher = DynamicBatcher(self.forward_path(name, predictor), max_wait_s=s.max_wait_ms / 1000,
+                                 queue_size=s.queue_size, instances=plan.instances, name=name,
+                                 on_batch=self.metrics.batch_observer(name), **batching_for(model, s.max_batch_size))
         batcher.start()
         self.models[name] = ServedModel(model, batcher, seconds, predictor, backend)
         self.metrics.model_load_seconds.labels(name).set(seconds)
@@ -180,12 +196,13 @@ class Service:
                  backend.label, " (cached choice)" if backend.cached else f" (chosen in {backend.selected_in_s} s)",
                  backend.reason, backend.images_per_s or "-", backend.rejected or "-", backend.test_accuracy or "-")
 
-    def forward_path(self, name: str, predictor: Predictor | None) -> ForwardFn:
-        """What the batcher calls with each batch of model `name` (uint8 images -> per image, class ids
-        and probabilities, most probable first): on the CPU by default an exchange with a forward worker
-        process (app.workers.WorkerPool.run, which runs app.engine.Predictor.ranked there); otherwise
-        this process's own Predictor.ranked, in the batcher's threads."""
-        return self.workers.forward(name) if self.workers is not None else predictor.ranked
+    def forward_path(self, name: str, predictor: Predictor | DetectorPredictor | None) -> ForwardFn:
+        """What the batcher calls with each batch of model `name` (uint8 images -> per image, the
+        handler's answer: a classifier's class ids and probabilities, most probable first, or the
+        detector's boxes): on the CPU by default an exchange with a forward worker process
+        (app.workers.WorkerPool.run, which runs the handler's `run` there: app.engine.Predictor.ranked
+        or DetectorPredictor.run); otherwise this process's own handler, in the batcher's threads."""
+        return self.workers.forward(name) if self.workers is not None else predictor.run
 
     async def close(self) -> None:
         self.ready = False

@@ -9,7 +9,8 @@ against the event loop, and the cost is one socket round trip per batch (~0.1 ms
 tens of milliseconds of forward).
 
 Each worker loads every served checkpoint (the same files and the same `Predictor` as the
-in-process path), warms up, and then answers `(model, shape, pixels)` with `Predictor.ranked`.
+in-process path), warms up, and then answers `(model, shape, pixels)` with the handler's `run`
+(`Predictor.ranked` for a classifier, `DetectorPredictor.run` for the detector).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class WorkerConfig:
 
 def _serve(conn: Connection, config: WorkerConfig) -> None:
     """The worker process: load, warm up, report, then answer batches until told to stop."""
-    from app.engine import Predictor
+    from app.engine import make_predictor
     from models.backends import BackendRecord
     from models.checkpoint import load_checkpoint
 
@@ -63,9 +64,9 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
         for name, path in config.checkpoints.items():
             loaded = load_checkpoint(path, device=config.device, name=name)
             backend = config.backends.get(name)
-            predictors[name] = Predictor(loaded, half=config.half, channels_last=config.channels_last,
-                                         backend=BackendRecord.from_dict(backend) if backend else None,
-                                         threads=config.torch_threads)
+            predictors[name] = make_predictor(loaded, half=config.half, channels_last=config.channels_last,
+                                              backend=BackendRecord.from_dict(backend) if backend else None,
+                                              threads=config.torch_threads)
             if config.warmup_batch_size:
                 predictors[name].warmup(config.warmup_batch_size)
     except Exception as exc:
@@ -86,7 +87,7 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
             name, shape, pixels = message
             try:
                 images = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(shape)
-                conn.send(("ok", predictors[name].ranked(images)))
+                conn.send(("ok", predictors[name].run(images)))
             except Exception as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
 

@@ -158,12 +158,12 @@ def crop_box(box: tuple[float, float, float, float], width: int, height: int,
 
 
 @torch.inference_mode()
-def detect(model: nn.Module, images: torch.Tensor, pre, *, min_score: float,
-           max_detections: int = 100) -> list[list[Detection]]:
+def detect(model: nn.Module, images: torch.Tensor, pre, *, min_score: float, max_detections: int = 100,
+           dtype: torch.dtype = torch.float32) -> list[list[Detection]]:
     """uint8 frames [N, 3, H, W] (already resized by `pre`) -> detections in those frames' pixels."""
     from models.preprocessing import normalize
 
-    x = pad_to_multiple(normalize(images, pre)).contiguous(memory_format=torch.channels_last)
+    x = pad_to_multiple(normalize(images, pre)).to(dtype).contiguous(memory_format=torch.channels_last)
     heat, size, offset = model(x)
     return decode(heat.float(), size.float(), offset.float(), min_score=min_score, max_detections=max_detections)
 
@@ -176,3 +176,17 @@ def classifier_crops(image, boxes: list[tuple[float, float, float, float]], pre)
     if not boxes:
         return torch.zeros(0, 3, pre.input_size, pre.input_size, dtype=torch.uint8)
     return torch.stack([image_to_uint8(image.crop(crop_box(b, image.width, image.height)), pre) for b in boxes])
+
+
+def pad_stack(frames: list[torch.Tensor], pre) -> torch.Tensor:
+    """uint8 frames [3, H_i, W_i] -> one uint8 batch, each padded at the bottom and right with the
+    mean colour (what normalisation maps to zero, like `pad_to_multiple` after it)."""
+    h = max(f.shape[1] for f in frames)
+    w = max(f.shape[2] for f in frames)
+    if all(f.shape[1:] == (h, w) for f in frames):
+        return torch.stack(frames)
+    fill = torch.tensor([round(255 * m) for m in pre.mean], dtype=torch.uint8).view(3, 1, 1)
+    batch = fill.expand(len(frames), 3, h, w).clone()
+    for i, f in enumerate(frames):
+        batch[i, :, :f.shape[1], :f.shape[2]] = f
+    return batch

@@ -115,6 +115,13 @@ def model_names(inprocess) -> list[str]:
     return [m["name"] for m in inprocess.get("/v1/models").json()["models"]]
 
 
+@pytest.fixture(scope="session")
+def classifier_names(server: LiveServer) -> list[str]:
+    """The served models that /v1/predict takes (the detector answers /v1/detect)."""
+    with server.client() as c:
+        return [m["name"] for m in c.get("/v1/models").json()["models"] if m["kind"] == "classifier"]
+
+
 # --- sample images ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,10 @@ import io
 import pytest
 from PIL import Image
 
-from models.checkpoint import METRIC_FIELDS, file_sha256, metrics_csv, safe_load, served_checkpoints
+from models.checkpoint import file_sha256, metrics_csv, safe_load, served_checkpoints
 
-MODEL_FIELDS = {"name", "architecture", "parameters", "input_size", "test_accuracy", "epochs", "start_weights",
-                "checkpoint_sha256", "device", "backend"}
+MODEL_FIELDS = {"name", "kind", "architecture", "parameters", "input_size", "test_accuracy", "validation",
+                "score_threshold", "epochs", "start_weights", "checkpoint_sha256", "device", "backend"}
 
 
 @pytest.fixture
@@ -33,14 +33,18 @@ def test_models_list_describes_every_checkpoint(checkpoint_snapshot, client):
         assert info["architecture"] == ckpt["architecture"]
         assert info["input_size"] == ckpt["preprocessing"]["input_size"]
         assert info["epochs"] == len(ckpt["metrics"])
-        assert info["test_accuracy"] == ckpt["metrics"][-1]["test_accuracy"]
+        assert info["test_accuracy"] == ckpt["metrics"][-1].get("test_accuracy")
+        assert info["kind"] == ("detector" if ckpt["architecture"] == "detector" else "classifier")
+        if info["kind"] == "detector":
+            assert info["validation"]["val_map50"] == ckpt["metrics"][-1]["val_map50"]
+            assert info["score_threshold"] == ckpt["inference"]["score_threshold"]
         assert info["start_weights"] == ckpt["start_weights"]
         assert info["checkpoint_sha256"] == file_sha256(checkpoint_snapshot / f"{info['name']}.pt")
         assert info["parameters"] > 100_000
         assert info["device"] in ("cpu", "cuda", "cuda:0")
         # the suite's server runs torch (tests/conftest.py); other backends: tests/test_backends.py
-        assert info["backend"]["backend"] == "torch" and info["backend"]["reason"] == "SIGNSERVE_BACKEND=torch"
-    best = max(body["models"], key=lambda m: m["test_accuracy"])
+        assert info["backend"]["backend"] == "torch"
+    best = max((m for m in body["models"] if m["kind"] == "classifier"), key=lambda m: m["test_accuracy"])
     assert body["default"] == best["name"]
 
 
@@ -62,8 +66,8 @@ def test_metrics_json_and_csv_match_the_checkpoint(checkpoint_snapshot, client, 
         epochs = client.get(f"/v1/models/{name}/metrics").json()["epochs"]
         assert len(epochs) == len(recorded) >= 1
         for got, want in zip(epochs, recorded):
-            assert set(got) == set(METRIC_FIELDS)
-            for key in METRIC_FIELDS:
+            assert set(got) == set(want)
+            for key in want:
                 assert got[key] == want[key]
         response = client.get(f"/v1/models/{name}/metrics.csv")
         assert response.status_code == 200

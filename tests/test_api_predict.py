@@ -53,8 +53,8 @@ def test_top_k(client, sign_png, top_k):
         assert sum(p["probability"] for p in result["predictions"]) == pytest.approx(1, abs=1e-4)
 
 
-def test_every_model_by_name(client, sign_png, model_names):
-    for name in model_names:
+def test_every_model_by_name(client, sign_png, classifier_names):
+    for name in classifier_names:
         body = predict(client, ("sign.png", sign_png), model=name)
         assert body["model"] == name
         assert len(body["results"][0]["predictions"]) == 5

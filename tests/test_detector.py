@@ -140,3 +140,16 @@ def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path):
     assert result["frames"] == 100 and result["signs"] == 71
     assert {"precision", "recall", "map50", "end_to_end"} <= set(result)
     assert "group danger" in report.stdout and "width 0-24 px" in report.stdout
+
+
+def test_scene_decoding_keeps_a_photo_that_needs_no_change_usable():
+    # an upright RGB JPEG already at the detector's size is returned as decoded; it must stay open
+    import io
+
+    from app.imaging import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1360, 800), (120, 30, 30)).save(buffer, "JPEG")
+    decoded = decode_image(buffer.getvalue(), max_side=1360)
+    assert decoded.original_size == (1360, 800) and decoded.scale == (1.0, 1.0)
+    assert image_to_uint8(decoded.image, Preprocessing(input_size=1360, resize="fit")).shape == (3, 800, 1360)

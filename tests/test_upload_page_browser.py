@@ -103,4 +103,52 @@ def test_api_docs_render_offline_under_the_content_security_policy(browser, serv
     assert "/v1/predict" in " ".join(operations) and len(operations) >= 10, operations
     assert outside == [], outside
     assert not [e for e in errors if "Content Security Policy" in e], errors
+
+
+def test_upload_page_boxes_the_signs_of_a_street_photo(browser, server, client, gtsrb_test_samples, tmp_path):
+    from PIL import Image
+
+    from training.data import default_data_root
+    from training.gtsdb import read_ground_truth, split_frames
+
+    crop_path, _ = gtsrb_test_samples[20]
+    crop = tmp_path / "crop.png"
+    with Image.open(crop_path) as image:
+        crop.write_bytes(encode(image.convert("RGB"), "PNG"))
+    # the first validation frame in which the shipped detector finds signs (it finds most)
+    for frame in [f for f in split_frames(read_ground_truth(default_data_root()), "val") if f.signs][:10]:
+        photo = tmp_path / frame.name
+        photo.write_bytes((Path(default_data_root()) / "gtsdb" / "images" / frame.name).read_bytes())
+        expected = client.post("/v1/detect", params={"classifier": "cnn"},
+                               files=files((photo.name, photo.read_bytes()))).json()["results"][0]["signs"]
+        if expected:
+            break
+    assert expected, "the shipped detector found no sign in 10 validation frames"
+
+    page = browser.new_page(viewport={"width": 1300, "height": 1100})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model:not([disabled])")
+    assert page.locator("#model option[value='detector']").count() == 0  # photos use it on their own
+    page.select_option("#model", "cnn")
+    page.set_input_files("#files", [str(photo), str(crop)])
+    page.wait_for_selector("#results .result >> nth=1")
+    assert "searched for signs" in page.inner_text("#status")
+
+    scene = page.locator("#results .result.scene")
+    assert scene.count() == 1 and scene.locator(".filename").inner_text() == photo.name
+    assert scene.locator(".box").count() == len(expected)
+    assert scene.locator(".sign .label").all_inner_texts() == [s["label"] for s in expected]
+    # each box sits over its sign: the drawn rectangle, scaled back to the image, is the answer's box
+    stage = scene.locator(".stage img").bounding_box()
+    first = scene.locator(".box").first.bounding_box()
+    scale = stage["width"] / 1360
+    x1, y1, x2, y2 = expected[0]["box"]
+    assert abs(first["x"] - stage["x"] - x1 * scale) <= 3 and abs(first["width"] - (x2 - x1) * scale) <= 3
+    assert page.locator("#results .result:not(.scene) .prediction").count() == 5  # the crop keeps its view
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "scene-page.png"), full_page=True)
+    assert not errors, errors
     page.close()

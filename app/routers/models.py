@@ -6,12 +6,12 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.dependencies import Model, ReadyService
-from app.plots import training_curves_png
+from app.plots import curves, training_curves_png
 from app.schemas.health import ErrorResponse
 from app.schemas.models import BackendInfo, EpochMetrics, ModelInfo, ModelList, TrainingMetrics
 from app.service import Service
 from models.backends import BackendRecord
-from models.checkpoint import METRIC_FIELDS, LoadedModel, metrics_csv
+from models.checkpoint import LoadedModel, metrics_csv
 
 router = APIRouter(prefix="/v1/models", tags=["models"],
                    responses={503: {"model": ErrorResponse, "description": "models still loading"}})
@@ -20,10 +20,13 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown model"}}
 
 
 def model_info(m: LoadedModel, backend: BackendRecord | None) -> ModelInfo:
-    return ModelInfo(name=m.name, architecture=m.architecture, parameters=m.parameters,
-                     input_size=m.preprocessing.input_size, test_accuracy=m.test_accuracy, epochs=len(m.metrics),
-                     start_weights=m.start_weights, checkpoint_sha256=m.sha256, device=str(m.device),
-                     backend=BackendInfo(**backend.to_dict()) if backend else None)
+    detector = m.architecture == "detector"
+    validation = {k: v for k, v in m.metrics[-1].items() if k.startswith("val_")} if detector and m.metrics else None
+    return ModelInfo(name=m.name, kind="detector" if detector else "classifier", architecture=m.architecture,
+                     parameters=m.parameters, input_size=m.preprocessing.input_size, test_accuracy=m.test_accuracy,
+                     validation=validation, score_threshold=m.inference.get("score_threshold"),
+                     epochs=len(m.metrics), start_weights=m.start_weights, checkpoint_sha256=m.sha256,
+                     device=str(m.device), backend=BackendInfo(**backend.to_dict()) if backend else None)
 
 
 def _backend(service: Service, name: str) -> BackendRecord | None:
@@ -43,9 +46,9 @@ def get_model(model: Model, service: ReadyService) -> ModelInfo:
 
 
 @router.get("/{name}/metrics", response_model=TrainingMetrics, responses=NOT_FOUND,
-            summary="Per-epoch training metrics")
+            response_model_exclude_none=True, summary="Per-epoch training metrics")
 def training_metrics(model: Model) -> TrainingMetrics:
-    return TrainingMetrics(epochs=[EpochMetrics(**{k: m[k] for k in METRIC_FIELDS}) for m in model.metrics])
+    return TrainingMetrics(epochs=[EpochMetrics(**m) for m in model.metrics])
 
 
 @router.get("/{name}/metrics.csv", response_class=Response, responses={
@@ -57,11 +60,9 @@ def get_metrics_csv(model: Model) -> Response:
 
 
 @router.get("/{name}/metrics.png", response_class=Response, responses={
-    200: {"content": {"image/png": {}}, "description": "train/test loss and accuracy per epoch"}, **NOT_FOUND},
-    summary="Training curves plot")
+    200: {"content": {"image/png": {}}, "description": "losses and accuracy (or detection figures) per epoch"},
+    **NOT_FOUND}, summary="Training curves plot")
 async def get_metrics_png(model: Model) -> Response:
-    rows = tuple((int(m["epoch"]), float(m["train_loss"]), float(m["train_accuracy"]), float(m["test_loss"]),
-                  float(m["test_accuracy"])) for m in model.metrics)
     title = f"{model.name} ({model.architecture}, {model.start_weights} start)"
-    png = await run_in_threadpool(training_curves_png, rows, title)
+    png = await run_in_threadpool(training_curves_png, *curves(model.metrics), title)
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})

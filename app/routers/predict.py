@@ -93,6 +93,8 @@ async def predict(request: Request) -> PredictResponse:
     query = parse_query(request)
     service = require_ready(request.app.state.service)
     served, settings, metrics = get_served_model(service, query.model), service.settings, service.metrics
+    if served.loaded.architecture == "detector":
+        raise HTTPException(422, f"{served.loaded.name!r} is a detector: POST photos to /v1/detect")
     # top_k and the model are known good before the body is read. From here until the images
     # are queued, the batcher knows this request is coming and may wait for it.
     with served.batcher.expecting():

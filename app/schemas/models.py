@@ -23,10 +23,17 @@ class BackendInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str = Field(..., description="the checkpoint's file stem; use it as ?model= and in /v1/models/{name}")
+    kind: str = Field(..., description="classifier (names a cropped sign: /v1/predict) or detector (finds "
+                                       "signs in photos: /v1/detect)")
     architecture: str
     parameters: int = Field(..., description="trainable parameters")
-    input_size: int = Field(..., description="side of the square input, in pixels")
-    test_accuracy: float | None = Field(..., description="accuracy on the GTSRB test split after the last epoch")
+    input_size: int = Field(..., description="classifier: side of the square input; detector: the longest "
+                                             "side a photo is reduced to; in pixels")
+    test_accuracy: float | None = Field(..., description="classifier: accuracy on the GTSRB test split after "
+                                                         "the last epoch")
+    validation: dict[str, float] | None = Field(None, description="detector: precision, recall and AP@0.5 "
+                                                                  "on the validation frames after the last epoch")
+    score_threshold: float | None = Field(None, description="detector: the default min_score of /v1/detect")
     epochs: int = Field(..., description="epochs trained")
     start_weights: str = Field(..., description="random, or imagenet for a fine-tuned torchvision model")
     checkpoint_sha256: str
@@ -36,16 +43,22 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
-    default: str | None = Field(None, description="the model /v1/predict uses without ?model=")
+    default: str | None = Field(None, description="the classifier /v1/predict uses without ?model=")
     skipped: list[SkippedCheckpoint] = Field([], description="checkpoints that failed validation or loading")
 
 
 class EpochMetrics(BaseModel):
+    """One epoch: a classifier's train/test figures, or the detector's loss and validation figures."""
+
     epoch: int
     train_loss: float
-    train_accuracy: float
-    test_loss: float
-    test_accuracy: float
+    train_accuracy: float | None = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    val_precision: float | None = None
+    val_recall: float | None = None
+    val_map50: float | None = Field(None, description="AP at IoU 0.5, every sign one class")
+    score_threshold: float | None = None
     seconds: float = Field(..., description="wall time of the epoch")
 
 

@@ -1,8 +1,11 @@
-// The upload page: pick or drop images, POST them to /v1/predict, show the top-5 signs per image.
+// The upload page: pick or drop images. Crops go to /v1/predict (top-5 signs per image); photos
+// larger than a crop go to /v1/detect when a detector is served (every sign boxed and named).
 "use strict";
 
 const MAX_FILES_PER_REQUEST = 64;  // the service's default limit; larger selections go in several requests
 const TOP_K = 5;
+const CROP_MAX_SIDE = 256;  // GTSRB's crops are at most ~250 px: anything larger is treated as a photo
+let detectorName = null;
 
 const $ = (selector) => document.querySelector(selector);
 const modelSelect = $("#model");
@@ -42,7 +45,9 @@ async function loadModels() {
     return;
   }
   const { models, default: best } = await response.json();
-  modelSelect.replaceChildren(...models.map((m) => el("option", {
+  const detector = models.find((m) => m.kind === "detector");
+  detectorName = detector ? detector.name : null;
+  modelSelect.replaceChildren(...models.filter((m) => m.kind !== "detector").map((m) => el("option", {
     value: m.name, text: `${m.name} (${m.architecture}, ${(100 * (m.test_accuracy ?? 0)).toFixed(2)}% test)`,
   })));
   if (best) modelSelect.value = best;
@@ -62,7 +67,56 @@ function showModelInfo(models) {
   const m = models.find((x) => x.name === modelSelect.value);
   if (!m) return;
   $("#model-info").textContent = `${m.parameters.toLocaleString("en")} parameters, ${m.input_size}×${m.input_size} ` +
-    `input, ${m.epochs} epochs from ${m.start_weights} weights, on ${m.device}`;
+    `input, ${m.epochs} epochs from ${m.start_weights} weights, on ${m.device}` +
+    (detectorName ? `; photos: signs found by ${detectorName}, named by this model` : "");
+}
+
+// The image's pixel size, or null when the browser cannot decode it (e.g. PPM: then it is a crop).
+async function imageSize(file) {
+  try {
+    const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+    const size = { width: bitmap.width, height: bitmap.height };
+    bitmap.close();
+    return size;
+  } catch (_) {
+    return null;
+  }
+}
+
+function sceneCard(file, result) {
+  const stage = el("div", { class: "stage" }, el("img", { alt: file.name, src: URL.createObjectURL(file) }));
+  const pct = (v, total) => `${(100 * v / total).toFixed(3)}%`;
+  result.signs.forEach((s, i) => {
+    const [x1, y1, x2, y2] = s.box;
+    stage.append(el("div", {
+      class: `box ${s.group}`, title: `${s.label} (${percent(s.probability)})`,
+      style: `left: ${pct(x1, result.width)}; top: ${pct(y1, result.height)}; ` +
+             `width: ${pct(x2 - x1, result.width)}; height: ${pct(y2 - y1, result.height)}`,
+    }, el("span", { class: "tag", text: String(i + 1) })));
+  });
+  const list = result.signs.length
+    ? el("ol", { class: "signs" }, ...result.signs.map((s) => el("li", { class: "sign", "data-class-id": String(s.class_id) },
+        el("span", { class: "label", text: s.label }), " ",
+        el("span", { class: "probability", text: percent(s.probability) }),
+        el("span", { class: "muted", text: ` · ${s.group}, detector ${percent(s.score)}` }))))
+    : el("p", { class: "no-signs", text: "No traffic sign found in this photo." });
+  return el("article", { class: "result scene" }, stage,
+    el("div", { class: "body" }, el("div", { class: "filename", text: result.filename || file.name }),
+      el("div", { class: "muted", text: `${result.width}×${result.height}, ${result.signs.length} sign` +
+                                          `${result.signs.length === 1 ? "" : "s"}` }), list));
+}
+
+async function post(url, chunk) {
+  const form = new FormData();
+  for (const file of chunk) form.append("file", file, file.name);
+  let response;
+  try {
+    response = await fetch(url, { method: "POST", body: form });
+  } catch (err) {
+    throw new Error(`Request failed: ${err}`);
+  }
+  if (!response.ok) throw new Error(`Could not ${url.includes("detect") ? "detect" : "classify"}: ${await errorText(response)}`);
+  return response.json();
 }
 
 function resultCard(file, result) {
@@ -85,27 +139,30 @@ async function classify(files) {
   const model = modelSelect.value;
   const results = $("#results");
   results.replaceChildren();
-  setStatus(`Classifying ${files.length} image${files.length > 1 ? "s" : ""} with ${model}…`);
-  for (let start = 0; start < files.length; start += MAX_FILES_PER_REQUEST) {
-    const chunk = files.slice(start, start + MAX_FILES_PER_REQUEST);
-    const form = new FormData();
-    for (const file of chunk) form.append("file", file, file.name);
-    let response;
-    try {
-      response = await fetch(`/v1/predict?model=${encodeURIComponent(model)}&top_k=${TOP_K}`,
-                             { method: "POST", body: form });
-    } catch (err) {
-      setStatus(`Request failed: ${err}`, true);
-      return;
+  setStatus(`Recognising ${files.length} image${files.length > 1 ? "s" : ""} with ${model}…`);
+  const sizes = await Promise.all(files.map(imageSize));
+  const isPhoto = (i) => detectorName && sizes[i] && Math.max(sizes[i].width, sizes[i].height) > CROP_MAX_SIDE;
+  const cards = new Array(files.length);
+  const crops = files.map((f, i) => i).filter((i) => !isPhoto(i));
+  const photos = files.map((f, i) => i).filter((i) => isPhoto(i));
+  try {
+    for (let start = 0; start < crops.length; start += MAX_FILES_PER_REQUEST) {
+      const idx = crops.slice(start, start + MAX_FILES_PER_REQUEST);
+      const body = await post(`/v1/predict?model=${encodeURIComponent(model)}&top_k=${TOP_K}`, idx.map((i) => files[i]));
+      body.results.forEach((result, k) => { cards[idx[k]] = resultCard(files[idx[k]], result); });
     }
-    if (!response.ok) {
-      setStatus(`Could not classify: ${await errorText(response)}`, true);
-      return;
+    for (let start = 0; start < photos.length; start += MAX_FILES_PER_REQUEST) {
+      const idx = photos.slice(start, start + MAX_FILES_PER_REQUEST);
+      const body = await post(`/v1/detect?classifier=${encodeURIComponent(model)}`, idx.map((i) => files[i]));
+      body.results.forEach((result, k) => { cards[idx[k]] = sceneCard(files[idx[k]], result); });
     }
-    const body = await response.json();
-    body.results.forEach((result, i) => results.append(resultCard(chunk[i], result)));
+  } catch (err) {
+    setStatus(err.message, true);
+    return;
   }
-  setStatus(`${files.length} image${files.length > 1 ? "s" : ""} classified by ${model}.`);
+  results.append(...cards);
+  const found = photos.length ? `; ${photos.length} photo${photos.length > 1 ? "s" : ""} searched for signs` : "";
+  setStatus(`${files.length} image${files.length > 1 ? "s" : ""} classified by ${model}${found}.`);
 }
 
 function setUpDropzone() {

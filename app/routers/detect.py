@@ -1,0 +1,119 @@
+"""POST /v1/detect: street photos -> every sign in them, boxed and named."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from app.batching import QueueFull
+from app.dependencies import get_served_model, require_ready
+from app.routers.predict import OPENAPI_EXTRA, read_uploads
+from app.decoding import decode_uploads
+from app.imaging import SceneDecoder
+from app.schemas.detect import DetectQuery, DetectResponse, FrameResult, Sign
+from app.schemas.health import ErrorResponse
+from app.service import ServedModel, Service
+from app.workers import WorkerDied
+from models.detector import GROUPS, classifier_crops
+from models.preprocessing import image_to_uint8
+
+router = APIRouter(prefix="/v1", tags=["detect"])
+
+DETECT_OPENAPI = {
+    **OPENAPI_EXTRA,
+    "parameters": [
+        {"name": name, "in": "query", "required": False, "description": schema.get("description"),
+         "schema": {k: v for k, v in schema.items() if k != "description"}}
+        for name, schema in DetectQuery.model_json_schema()["properties"].items()
+    ],
+}
+
+
+def parse_query(request: Request) -> DetectQuery:
+    try:
+        return DetectQuery.model_validate(request.query_params)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False)])
+
+
+def get_detector(service: Service) -> ServedModel:
+    detectors = [m for m in service.models.values() if m.loaded.architecture == "detector"]
+    if not detectors:
+        raise HTTPException(404, "no detector is served (train one with `make train MODEL=detector` and put "
+                                 "detector.pt in the checkpoint directory)")
+    return detectors[0]
+
+
+async def submit(served: ServedModel, images: list, service: Service) -> list:
+    """Queue images on a model's batcher and wait for their results (503 when it cannot take them)."""
+    try:
+        futures = served.batcher.submit(images)
+    except QueueFull as exc:
+        service.metrics.queue_rejections.labels(served.loaded.name).inc()
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    try:
+        return list(await asyncio.gather(*futures))
+    except WorkerDied as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    summary="Find and name every traffic sign in street photos",
+    openapi_extra=DETECT_OPENAPI,
+    responses={
+        400: {"model": ErrorResponse, "description": "malformed multipart body"},
+        404: {"model": ErrorResponse, "description": "no detector served, or unknown classifier"},
+        413: {"model": ErrorResponse, "description": "file over the size limit, too many files, or an "
+                                                      "image declaring too many pixels"},
+        415: {"model": ErrorResponse, "description": "the body is not multipart/form-data"},
+        422: {"description": "a query parameter out of range, or a file that is missing, empty or not a "
+                             "readable image (`detail` names it)"},
+        503: {"model": ErrorResponse, "description": "queue full, models still loading, or a forward worker "
+                                                      "restarting; see Retry-After"},
+    },
+)
+async def detect(request: Request) -> DetectResponse:
+    """Upload one or more photos in the multipart field `file` (repeat it for a batch). Each is
+    decoded (reduced on decode to the detector's input where the format allows, EXIF orientation
+    applied), the detector finds the signs, and the classifier names each box from a crop of the
+    photo; boxes are in the uploaded image's pixels, best first."""
+    query = parse_query(request)
+    service = require_ready(request.app.state.service)
+    detector = get_detector(service)
+    classifier = get_served_model(service, query.classifier)
+    if classifier.loaded.architecture == "detector":
+        raise HTTPException(422, f"{classifier.loaded.name!r} is a detector; classifier= takes a classifier")
+    settings, pre = service.settings, detector.loaded.preprocessing
+    min_score = query.min_score if query.min_score is not None else \
+        detector.loaded.inference.get("score_threshold", 0.3)
+    with detector.batcher.expecting():
+        uploads = await read_uploads(request, settings)
+        # upright RGB, reduced while decoded to the detector's input (its longest side)
+        scenes = await decode_uploads(uploads, SceneDecoder(pre.input_size), service.decode_budget,
+                                      settings.max_image_pixels)
+        started = time.perf_counter()
+        found = await submit(detector, [image_to_uint8(s.image, pre) for s in scenes], service)
+    kept = [[f for f in frame_found if f[1] >= min_score] for frame_found in found]
+    crops = [await run_in_threadpool(classifier_crops, scene.image, [f[0] for f in signs],
+                                     classifier.loaded.preprocessing)
+             for scene, signs in zip(scenes, kept) if signs]
+    ranked = await submit(classifier, [c for batch in crops for c in batch], service) if crops else []
+    service.metrics.prediction_duration.labels(detector.loaded.name).observe(time.perf_counter() - started)
+    labels, answers, position = classifier.loaded.class_names, [], 0
+    for upload, scene, signs in zip(uploads, scenes, kept):
+        (sx, sy), (width, height), named = scene.scale, scene.original_size, []
+        for (x1, y1, x2, y2), score, group in signs:
+            class_ids, probabilities = ranked[position][0], ranked[position][1]
+            position += 1
+            box = (max(0.0, x1 * sx), max(0.0, y1 * sy), min(float(width), x2 * sx), min(float(height), y2 * sy))
+            named.append(Sign(box=tuple(round(v, 1) for v in box), score=score, group=GROUPS[group],
+                              class_id=class_ids[0], label=labels[class_ids[0]], probability=probabilities[0]))
+        answers.append(FrameResult(filename=upload.filename, width=width, height=height, signs=named))
+    return DetectResponse(model=detector.loaded.name, classifier=classifier.loaded.name, results=answers)
