@@ -51,3 +51,21 @@ def test_shipped_model_scores_what_it_recorded_and_what_we_promise(name):
     # fp16 storage may flip a prediction or two, no more.
     assert report["accuracy"] == pytest.approx(load_checkpoint(path).test_accuracy, abs=0.001)
     assert report["accuracy"] >= PROMISED_ACCURACY[name], report
+
+
+def test_shipped_detector_is_compact_and_scores_what_it_recorded_on_the_validation_frames():
+    path = CHECKPOINTS / "detector.pt"
+    assert path.stat().st_size < 25 * 2**20
+    loaded = load_checkpoint(path)
+    assert loaded.architecture == "detector" and loaded.start_weights == "random"
+    assert loaded.data["train_frames"] == 500 and loaded.data["val_frames"] == 100
+    assert (CHECKPOINTS / "detector.metrics.csv").read_text().count("\n") == len(loaded.metrics) + 1
+    result = subprocess.run([sys.executable, "-m", "training.evaluate_detection", "--checkpoint", str(path),
+                             "--data-root", default_data_root(), "--frames", "val"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["frames"], report["signs"]) == (100, 71)
+    # the recorded AP is reproducible, and what docs/detector.md states holds
+    assert report["map50"] == pytest.approx(loaded.metrics[-1]["val_map50"], abs=1e-6)
+    assert report["map50"] >= 0.75 and report["recall"] >= 0.78 and report["precision"] >= 0.72, report
+    assert report["end_to_end"] >= 0.78, report
