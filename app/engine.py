@@ -129,6 +129,8 @@ def choose_backend(loaded: LoadedModel, request: str, *, cache_dir: Path, batch_
         reason = f"choosing a backend failed ({type(exc).__name__}: {exc}): torch fp32"
         log.error("%s: %s", loaded.name, reason)
         return BackendRecord("torch", "fp32", reason=reason, threads=threads)
+
+
 # Boxes are found down to this score; the route keeps those at or above the caller's min_score.
 DETECTION_FLOOR = 0.05
 
