@@ -9,12 +9,16 @@ from pathlib import Path
 import torch
 
 from models.backends import BackendRecord, Forward, Job, load_forward, select
+from models.calibration import CalibratedClassifier
 from models.checkpoint import LoadedModel
 from models.export import InputSpec, checkpoint_metadata
 from models.detector import detect
 from models.preprocessing import normalize
 
 log = logging.getLogger("signserve")
+
+# Per image: every class id by falling probability, those probabilities, and P(one of the signs)
+Ranked = tuple[list[int], list[float], float]
 
 
 def select_device(setting: str) -> torch.device:
@@ -28,7 +32,9 @@ def select_device(setting: str) -> torch.device:
 
 
 class Predictor:
-    """uint8 image batch [N, 3, S, S] -> class probabilities [N, C] (float32, CPU).
+    """uint8 image batch [N, 3, S, S] -> calibrated class probabilities [N, C] and sign probabilities
+    [N] (float32, CPU): the network wrapped with its checkpoint's calibration (CalibratedClassifier),
+    so every backend runs the calibration too.
 
     The forward runs on the backend its record names (models.backends: torch, ONNX Runtime or
     OpenVINO, chosen at start-up by `choose_backend`); without a record, torch as below. The torch
@@ -45,7 +51,8 @@ class Predictor:
         if backend is None:
             backend = BackendRecord("torch", "fp16" if half and self.device.type == "cuda" else "fp32")
         # `backend`, after this, is the label of what really runs: the record's, or torch-fp32 if it failed to load
-        self.forward, self.backend = load_forward(backend, loaded.model, self.device,
+        self.forward, self.backend = load_forward(backend, CalibratedClassifier(loaded.model, loaded.calibration),
+                                                  self.device,
                                                   threads or torch.get_num_threads(), channels_last=channels_last,
                                                   name=loaded.name)
         self.input_size = loaded.preprocessing.input_size
@@ -55,17 +62,23 @@ class Predictor:
         return self.loaded.name
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities [N, C], sign probabilities [N])."""
         if self.device.type == "cuda":
             images = images.pin_memory().to(self.device, non_blocking=True)
         # normalise in fp32 (0..255 minus the mean loses bits in fp16); the forward casts
-        return self.forward(normalize(images, self.loaded.preprocessing)).float().softmax(dim=1).cpu()
+        probabilities, signs = self.forward(normalize(images, self.loaded.preprocessing))
+        return probabilities.float().cpu(), signs.float().cpu()
 
-    def ranked(self, images: torch.Tensor) -> list[tuple[list[int], list[float]]]:
-        """Per image: every class id by falling probability, and the probabilities, as plain lists,
-        so the event loop that answers the request does no tensor work."""
-        probabilities, class_ids = self(images).sort(dim=1, descending=True)
-        return list(zip(class_ids.tolist(), probabilities.tolist()))
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images)[0]
+
+    def ranked(self, images: torch.Tensor) -> list[Ranked]:
+        """Per image: every class id by falling probability, the probabilities and the sign
+        probability, as plain lists, so the event loop that answers the request does no tensor work."""
+        probabilities, signs = self.outputs(images)
+        probabilities, class_ids = probabilities.sort(dim=1, descending=True)
+        return list(zip(class_ids.tolist(), probabilities.tolist(), signs.tolist()))
 
     run = ranked  # the handler contract every model kind answers (app.workers calls `run`)
 
@@ -102,8 +115,9 @@ def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity
         correct = 0
         with torch.inference_mode():
             for i in range(0, len(split), 256):
-                logits = forward(normalize(split.images[i:i + 256], pre))
-                correct += int((logits.argmax(1) == split.labels[i:i + 256]).sum())
+                out = forward(normalize(split.images[i:i + 256], pre))
+                scores = out[0] if isinstance(out, tuple) else out  # CalibratedClassifier: probabilities first
+                correct += int((scores.argmax(1) == split.labels[i:i + 256]).sum())
         return round(correct / len(split), 6)
 
     measure = batches[0] if batches else normalize(torch.zeros(spec.shape, dtype=torch.uint8), pre)
@@ -124,7 +138,8 @@ def choose_backend(loaded: LoadedModel, request: str, *, cache_dir: Path, batch_
         return BackendRecord("torch", precision, reason=reason, threads=threads)
     try:
         job = classifier_job(loaded, cache_dir, batch_size, parity_images)
-        return select(loaded.model, job, request=request, device=loaded.device, threads=threads, half=half)[1]
+        module = CalibratedClassifier(loaded.model, loaded.calibration)  # what Predictor runs
+        return select(module, job, request=request, device=loaded.device, threads=threads, half=half)[1]
     except Exception as exc:  # choosing must never keep a model from being served
         reason = f"choosing a backend failed ({type(exc).__name__}: {exc}): torch fp32"
         log.error("%s: %s", loaded.name, reason)

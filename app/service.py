@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from app.batching import DynamicBatcher, ForwardFn
 from app.decoding import DecodeBudget
@@ -23,8 +25,10 @@ from app.schemas.health import SkippedCheckpoint
 from app.settings import Settings, available_cores
 from app.workers import WorkerPool
 from models.backends import BackendRecord
+from models.calibration import Calibration
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
 from models.detector import pad_stack
+from models.ensemble import ENSEMBLE_NAME
 
 log = logging.getLogger("signserve")
 
@@ -76,10 +80,39 @@ def batching_for(model: LoadedModel, max_batch_size: int) -> dict:
 @dataclass
 class ServedModel:
     loaded: LoadedModel
-    batcher: DynamicBatcher
+    batcher: DynamicBatcher | None  # None for an ensemble: its members' batchers run it
     load_seconds: float
     predictor: Predictor | DetectorPredictor | None = None  # the in-process forward; None in worker processes
     backend: BackendRecord | None = None  # what runs the forward, and why (models.backends)
+    members: list["ServedModel"] = field(default_factory=list)  # an ensemble's members
+
+    @property
+    def runners(self) -> list["ServedModel"]:
+        """The served models whose forwards answer for this one: itself, or an ensemble's members."""
+        return self.members or [self]
+
+
+def ensemble_model(models: dict[str, LoadedModel]) -> LoadedModel | None:
+    """The ensemble that the served models' checkpoints describe (training.calibrate writes the same
+    description into each member), when every member is served and they agree; else None."""
+    specs = [m.ensemble for m in models.values() if m.ensemble is not None]
+    if not specs:
+        return None
+    spec = specs[0]
+    members = [models.get(name) for name in spec.members]
+    if any(m is None or m.ensemble != spec for m in members):
+        log.warning("not serving the ensemble: its members %s are not all served with the same calibration run",
+                    ", ".join(spec.members))
+        return None
+    first = members[0]
+    return LoadedModel(
+        name=ENSEMBLE_NAME, model=nn.ModuleList(m.model for m in members), architecture=ENSEMBLE_NAME,
+        class_names=first.class_names, preprocessing=max((m.preprocessing for m in members),
+                                                         key=lambda p: p.input_size),
+        start_weights=" + ".join(spec.members), metrics=[], train_args={}, data={},
+        sha256=hashlib.sha256("".join(m.sha256 for m in members).encode()).hexdigest(), path=first.path.parent,
+        device=first.device, parameters=sum(m.parameters for m in members),
+        calibration=Calibration(rule=spec.rule, report=spec.report), ensemble=spec)
 
 
 @dataclass
@@ -101,8 +134,14 @@ class Service:
         return [SkippedCheckpoint(file=file, reason=reason) for file, reason in self.load_errors.items()]
 
     def best(self) -> str | None:
-        """The classifier with the highest final test accuracy (the default for /v1/predict)."""
-        classifiers = [n for n, m in self.models.items() if m.loaded.architecture != "detector"]
+        """The default for /v1/predict: the ensemble when it beat each of its members on validation
+        data (training.calibrate decides), else the classifier with the highest final test accuracy."""
+        ensemble = self.models.get(ENSEMBLE_NAME)
+        if ensemble is not None and ensemble.loaded.ensemble is not None and \
+                ensemble.loaded.ensemble.report.get("default"):
+            return ENSEMBLE_NAME
+        classifiers = [n for n, m in self.models.items()
+                       if m.loaded.architecture not in ("detector", ENSEMBLE_NAME)]
         if not classifiers:
             return None
         return max(classifiers, key=lambda n: self.models[n].loaded.test_accuracy or 0.0)
@@ -169,6 +208,12 @@ class Service:
             except Exception as exc:  # whatever it is, it is this model's problem, not the others'
                 log.error("skipping checkpoint %s: %s", path, exc)
                 self.load_errors[path.name] = f"{type(exc).__name__}: {exc}"
+        ensemble = ensemble_model({name: m.loaded for name, m in self.models.items()})
+        if ensemble is not None:
+            members = [self.models[name] for name in ensemble.ensemble.members]
+            self.models[ensemble.name] = ServedModel(ensemble, None, 0.0, members=members)
+            log.info("serving %s: the mean of the calibrated probabilities of %s (test accuracy %s)",
+                     ensemble.name, ", ".join(ensemble.ensemble.members), ensemble.test_accuracy)
         # What exists now (torch, FastAPI, the models: ~420k objects) lives as long as the process.
         # Frozen, the collector's full passes skip it; unfrozen, each walked it all (~190 ms measured,
         # the event loop stalled meanwhile).
@@ -207,6 +252,7 @@ class Service:
     async def close(self) -> None:
         self.ready = False
         for served in self.models.values():
-            await served.batcher.stop()
+            if served.batcher is not None:
+                await served.batcher.stop()
         if self.workers is not None:
             await self.workers.close()

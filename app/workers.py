@@ -34,7 +34,7 @@ from models.backends import BackendRecord
 
 log = logging.getLogger("signserve")
 
-Ranked = list[tuple[list[int], list[float]]]
+Ranked = list[tuple[list[int], list[float], float]]  # per image: app.engine.Ranked
 PING = "ping"  # the watchdog's liveness check; a worker answers ("ok", None)
 
 

@@ -74,7 +74,7 @@ def request_work_cpu_ms(body: bytes, boundary: str, loaded: LoadedModel, setting
     code: parse the multipart body (app.uploads), decode the image (app.imaging), build and serialise
     a top-5 answer (app.schemas.predict.predict_response)."""
     content_type = f"multipart/form-data; boundary={boundary}"
-    ranked = [(list(range(NUM_CLASSES)), [1 / NUM_CLASSES] * NUM_CLASSES)]
+    ranked = [(list(range(NUM_CLASSES)), [1 / NUM_CLASSES] * NUM_CLASSES, 1.0)]
 
     async def one() -> str:
         async def chunks():

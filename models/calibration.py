@@ -19,6 +19,9 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from models.architectures import classifier_head, penultimate_features
 
 ECE_BINS = 15
 # Without a fitted rule (an uncalibrated checkpoint) an answer counts as recognised when its
@@ -79,6 +82,31 @@ class Calibration:
                    rule=RecognitionRule(float(d.get("min_confidence", DEFAULT_MIN_CONFIDENCE)),
                                         float(d.get("min_sign_probability", 0.0))),
                    report=dict(d.get("report", {})))
+
+
+class CalibratedClassifier(nn.Module):
+    """A classifier with its calibration as one module: normalised batch -> (calibrated probabilities
+    [N, C], sign probabilities [N]). Plain tensor ops, so the serving backends (ONNX Runtime,
+    OpenVINO) export and run the calibration along with the network."""
+
+    def __init__(self, model: nn.Module, calibration: Calibration) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = calibration.temperature
+        self.has_gate = calibration.gate_weight is not None
+        dim = classifier_head(model).in_features
+        self.register_buffer("gate_weight", calibration.gate_weight.float().view(dim, 1) if self.has_gate
+                             else torch.zeros(dim, 1))
+        self.gate_bias = calibration.gate_bias
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = penultimate_features(self.model, x)
+        probabilities = (classifier_head(self.model)(features).float() / self.temperature).softmax(dim=1)
+        if self.has_gate:
+            signs = torch.sigmoid(features.float() @ self.gate_weight.float() + self.gate_bias).flatten()
+        else:
+            signs = torch.ones_like(probabilities[:, 0])
+        return probabilities, signs
 
 
 def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:

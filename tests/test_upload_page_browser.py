@@ -151,4 +151,37 @@ def test_upload_page_boxes_the_signs_of_a_street_photo(browser, server, client, 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "scene-page.png"), full_page=True)
     assert not errors, errors
+
+
+def test_upload_page_says_plainly_when_no_sign_is_recognised(browser, server, client, gtsrb_test_samples, tmp_path):
+    from PIL import Image
+
+    from training.calibration_data import VALIDATION_FRAMES, background_images, background_squares
+    from training.data import default_data_root
+
+    gtsdb = f"{default_data_root()}/gtsdb"
+    # a patch of street scene away from every sign, and a real sign
+    [square] = background_squares(gtsdb, VALIDATION_FRAMES[:1], per_frame=1, seed=3)
+    background = tmp_path / "street.png"
+    background.write_bytes(encode(background_images(gtsdb, [square])[0], "PNG"))
+    sign = tmp_path / "sign.png"
+    with Image.open(gtsrb_test_samples[20][0]) as image:
+        sign.write_bytes(encode(image.convert("RGB"), "PNG"))
+    results = client.post("/v1/predict", params={"model": "cnn"},
+                          files=files((background.name, background.read_bytes()), (sign.name, sign.read_bytes()))
+                          ).json()["results"]
+    assert [r["recognized"] for r in results] == [False, True]
+
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model:not([disabled])")
+    page.select_option("#model", "cnn")
+    page.set_input_files("#files", [str(background), str(sign)])
+    page.wait_for_selector("#results .result >> nth=1")
+    cards = page.locator("#results .result")
+    assert cards.nth(0).locator(".verdict").inner_text() == "No sign recognised"
+    assert cards.nth(0).locator(".prediction").count() == 5  # the closest classes are still listed
+    assert cards.nth(1).locator(".verdict").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "upload-page-no-sign.png"), full_page=True)
     page.close()

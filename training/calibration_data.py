@@ -105,24 +105,41 @@ def _overlaps(x: int, y: int, side: int, boxes: list[Box], margin: float) -> boo
     return False
 
 
-def gtsdb_background_patches(gtsdb_root: str | Path, frames: range, per_frame: int, pre: Preprocessing,
-                             seed: int = 0, sides: tuple[int, int] = PATCH_SIDES) -> torch.Tensor:
-    """uint8 [N, 3, S, S]: `per_frame` random squares per frame that touch no boxed sign (nor a
-    margin of a quarter of its size around it)."""
+def background_squares(gtsdb_root: str | Path, frames: range, per_frame: int, seed: int = 0,
+                       sides: tuple[int, int] = PATCH_SIDES) -> list[tuple[int, int, int, int]]:
+    """(frame, left, top, side) of `per_frame` random squares per frame that touch no boxed sign
+    (nor a margin of a quarter of its size around it); sides log-uniform in `sides`."""
     boxes: dict[int, list[Box]] = defaultdict(list)
     for box in read_gt(gtsdb_root):
         boxes[box.frame].append(box)
     rng = random.Random(seed)
-    patches = []
+    squares = []
     for frame in frames:
-        image = _frame(gtsdb_root, frame)
+        with Image.open(Path(gtsdb_root) / "images" / f"{frame:05d}.jpg") as image:
+            width, height = image.size
         taken = tries = 0
         while taken < per_frame and tries < 100 * per_frame:
             tries += 1
             side = round(math.exp(rng.uniform(math.log(sides[0]), math.log(sides[1]))))
-            x, y = rng.randrange(0, image.width - side), rng.randrange(0, image.height - side)
-            if _overlaps(x, y, side, boxes[frame], margin=0.25):
-                continue
-            patches.append(image_to_uint8(image.crop((x, y, x + side, y + side)), pre))
-            taken += 1
-    return torch.stack(patches)
+            x, y = rng.randrange(0, width - side), rng.randrange(0, height - side)
+            if not _overlaps(x, y, side, boxes[frame], margin=0.25):
+                squares.append((frame, x, y, side))
+                taken += 1
+    return squares
+
+
+def background_images(gtsdb_root: str | Path, squares: list[tuple[int, int, int, int]]) -> list[Image.Image]:
+    """The squares cut from their frames, at full resolution."""
+    out, image, current = [], None, None
+    for frame, x, y, side in squares:
+        if frame != current:
+            image, current = _frame(gtsdb_root, frame), frame
+        out.append(image.crop((x, y, x + side, y + side)))
+    return out
+
+
+def gtsdb_background_patches(gtsdb_root: str | Path, frames: range, per_frame: int, pre: Preprocessing,
+                             seed: int = 0, sides: tuple[int, int] = PATCH_SIDES) -> torch.Tensor:
+    """uint8 [N, 3, S, S]: the background squares of `frames` in the preprocessing `pre`."""
+    squares = background_squares(gtsdb_root, frames, per_frame, seed, sides)
+    return torch.stack([image_to_uint8(patch, pre) for patch in background_images(gtsdb_root, squares)])

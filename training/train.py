@@ -84,6 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--half-checkpoint", action="store_true", help="store weights in fp16 (half the file)")
     p.add_argument("--resume", action="store_true", help="continue from <name>.state.pt if it exists")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip fitting the temperature and sign gate after the last epoch (training.calibrate); "
+                        "runs on a subset (--max-*-samples) skip it anyway")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="stop (as if preempted) after this many epochs of this invocation; for tests")
     return p
@@ -365,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:
         log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, "
             f"test accuracy {metrics[-1]['test_accuracy']:.4f}; checkpoint {files.checkpoint}")
+        if rank == 0:
+            calibrate_after_training(args, files.checkpoint, log)
         teardown_distributed(world)
     return status
 
@@ -381,6 +386,20 @@ def save_epoch(model, optimizer, scheduler, metrics, args, pre, start_label, tra
     atomic_save({"model_name": args.model, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(), "metrics": metrics},
                 state_path)
+
+
+def calibrate_after_training(args, out: Path, log: Logger) -> None:
+    """Temperature, sign gate and recognition rule into the final checkpoint (training.calibrate);
+    its ECE and NLL before and after go to the log. Smoke runs on subsets are not worth it."""
+    from training.calibrate import calibrate_checkpoints
+
+    if args.no_calibrate or args.max_train_samples or args.max_test_samples:
+        log("calibration skipped (--no-calibrate or a subset run); `python -m training.calibrate` does it later")
+        return
+    if not (Path(args.data_root) / "gtsdb" / "gt.txt").is_file():
+        log(f"calibration skipped: no GTSDB frames under {args.data_root}/gtsdb to fit it on")
+        return
+    calibrate_checkpoints([Path(out)], args.data_root, log=log, device=args.device if args.device != "auto" else "cpu")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ from starlette.concurrency import run_in_threadpool
 from app.dependencies import Model, ReadyService
 from app.plots import curves, training_curves_png
 from app.schemas.health import ErrorResponse
-from app.schemas.models import BackendInfo, EpochMetrics, ModelInfo, ModelList, TrainingMetrics
+from app.schemas.models import BackendInfo, CalibrationInfo, EpochMetrics, ModelInfo, ModelList, TrainingMetrics
 from app.service import Service
 from models.backends import BackendRecord
 from models.checkpoint import LoadedModel, metrics_csv
+from models.ensemble import ENSEMBLE_NAME
 
 router = APIRouter(prefix="/v1/models", tags=["models"],
                    responses={503: {"model": ErrorResponse, "description": "models still loading"}})
@@ -19,14 +20,31 @@ router = APIRouter(prefix="/v1/models", tags=["models"],
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown model"}}
 
 
+def calibration_info(m: LoadedModel) -> CalibrationInfo | None:
+    report = m.calibration.report
+    if not report:
+        return None
+    before, after = report.get("before", {}), report.get("after", {})
+    test, background = after.get("test", {}), after.get("background_validation", {})
+    return CalibrationInfo(
+        temperature=None if m.ensemble is not None and m.architecture == ENSEMBLE_NAME else m.calibration.temperature,
+        min_confidence=m.calibration.rule.min_confidence,
+        test_ece_before=before.get("test", {}).get("ece"), test_ece=test.get("ece"),
+        test_nll_before=before.get("test", {}).get("nll"), test_nll=test.get("nll"),
+        test_recognized=test.get("recognized"), test_accuracy_recognized=test.get("accuracy_recognized"),
+        background_rejected=background.get("rejected"), validation_accuracy=report.get("validation_accuracy"))
+
+
 def model_info(m: LoadedModel, backend: BackendRecord | None) -> ModelInfo:
     detector = m.architecture == "detector"
     validation = {k: v for k, v in m.metrics[-1].items() if k.startswith("val_")} if detector and m.metrics else None
+    members = list(m.ensemble.members) if m.ensemble is not None and m.architecture == ENSEMBLE_NAME else None
     return ModelInfo(name=m.name, kind="detector" if detector else "classifier", architecture=m.architecture,
                      parameters=m.parameters, input_size=m.preprocessing.input_size, test_accuracy=m.test_accuracy,
                      validation=validation, score_threshold=m.inference.get("score_threshold"),
                      epochs=len(m.metrics), start_weights=m.start_weights, checkpoint_sha256=m.sha256,
-                     device=str(m.device), backend=BackendInfo(**backend.to_dict()) if backend else None)
+                     device=str(m.device), backend=BackendInfo(**backend.to_dict()) if backend else None,
+                     members=members, calibration=calibration_info(m))
 
 
 def _backend(service: Service, name: str) -> BackendRecord | None:

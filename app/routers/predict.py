@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import ExitStack
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,7 @@ from app.service import ServedModel
 from app.settings import Settings
 from app.uploads import FILE_FIELD, Upload, read_request_files
 from app.workers import WorkerDied, WorkerHung
+from models.ensemble import combine_ranked
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
@@ -96,22 +98,31 @@ async def predict(request: Request) -> PredictResponse:
     if served.loaded.architecture == "detector":
         raise HTTPException(422, f"{served.loaded.name!r} is a detector: POST photos to /v1/detect")
     # top_k and the model are known good before the body is read. From here until the images
-    # are queued, the batcher knows this request is coming and may wait for it.
-    with served.batcher.expecting():
+    # are queued, the batcher knows this request is coming and may wait for it. An ensemble runs
+    # each image through every member (each with its own preprocessing) and averages their answers.
+    runners = served.runners
+    with ExitStack() as announced:
+        for runner in runners:
+            announced.enter_context(runner.batcher.expecting())
         uploads = await read_uploads(request, settings)
         try:
-            served.batcher.check_admissible(len(uploads))
+            for runner in runners:
+                runner.batcher.check_admissible(len(uploads))
         except TooManyImages as exc:
             raise HTTPException(413, str(exc)) from None
-        inputs = await decode_uploads(uploads, InputDecoder(served.loaded.preprocessing), service.decode_budget,
-                                      settings.max_image_pixels)
+        inputs = [await decode_uploads(uploads, InputDecoder(runner.loaded.preprocessing), service.decode_budget,
+                                       settings.max_image_pixels) for runner in runners]
         started = time.perf_counter()
-        try:
-            futures = served.batcher.submit(inputs)
-        except QueueFull as exc:
-            metrics.queue_rejections.labels(served.loaded.name).inc()
-            raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    ranked = await await_results(futures, settings.request_timeout_s)
+        futures = []
+        for runner, runner_inputs in zip(runners, inputs):
+            try:
+                futures.append(runner.batcher.submit(runner_inputs))
+            except QueueFull as exc:
+                metrics.queue_rejections.labels(runner.loaded.name).inc()
+                raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    # per runner, per image: (class ids, probabilities, sign probability), most probable first
+    per_runner = [await await_results(f, settings.request_timeout_s) for f in futures]
+    ranked = per_runner[0] if len(per_runner) == 1 else [combine_ranked(answers) for answers in zip(*per_runner)]
     metrics.prediction_duration.labels(served.loaded.name).observe(time.perf_counter() - started)
     return predict_response(served.loaded, uploads, ranked, query.top_k)
 

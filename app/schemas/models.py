@@ -21,6 +21,23 @@ class BackendInfo(BaseModel):
     cached: bool = Field(..., description="the choice was read from the cache, made at an earlier start")
 
 
+class CalibrationInfo(BaseModel):
+    temperature: float | None = Field(..., description="logits are divided by it before the softmax")
+    min_confidence: float = Field(..., description="calibrated top-1 probability an answer needs to be recognised")
+    test_ece_before: float | None = Field(..., description="15-bin expected calibration error on the GTSRB test "
+                                                           "split with plain softmax")
+    test_ece: float | None = Field(..., description="the same, calibrated")
+    test_nll_before: float | None = Field(..., description="negative log-likelihood on the GTSRB test split, "
+                                                           "plain softmax")
+    test_nll: float | None = Field(..., description="the same, calibrated")
+    test_recognized: float | None = Field(..., description="share of GTSRB test images recognised")
+    test_accuracy_recognized: float | None = Field(..., description="accuracy among those")
+    background_rejected: float | None = Field(..., description="share of validation background patches (GTSDB "
+                                                               "frames 00500-00599) not recognised")
+    validation_accuracy: float | None = Field(..., description="accuracy on the GTSDB sign crops (frames "
+                                                               "00000-00599), which chooses the default model")
+
+
 class ModelInfo(BaseModel):
     name: str = Field(..., description="the checkpoint's file stem; use it as ?model= and in /v1/models/{name}")
     kind: str = Field(..., description="classifier (names a cropped sign: /v1/predict) or detector (finds "
@@ -39,6 +56,9 @@ class ModelInfo(BaseModel):
     checkpoint_sha256: str
     device: str = Field(..., description="where the model runs: cpu, cuda:0, ...")
     backend: BackendInfo | None = Field(None, description="what runs the forward pass, and why")
+    members: list[str] | None = Field(None, description="for an ensemble: the models whose calibrated "
+                                                        "probabilities it averages")
+    calibration: CalibrationInfo | None = Field(None, description="absent for an uncalibrated checkpoint")
 
 
 class ModelList(BaseModel):

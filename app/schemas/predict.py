@@ -4,7 +4,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from models.calibration import is_recognized
+
 from models.classes import NUM_CLASSES
+from models.ensemble import RankedAnswer
 
 if TYPE_CHECKING:
     from app.uploads import Upload
@@ -26,7 +29,13 @@ class Prediction(BaseModel):
 
 class FileResult(BaseModel):
     filename: str = Field(..., description="the uploaded file's name, as sent")
-    predictions: list[Prediction] = Field(..., description="top_k classes, most probable first")
+    recognized: bool = Field(..., description="false when the image most likely shows none of the 43 signs "
+                                              "(background, a sign of another kind, a blur); the predictions "
+                                              "are listed either way")
+    sign_probability: float = Field(..., ge=0, le=1, description="the sign gate's score that the image shows one "
+                                                                 "of the 43 signs (0.5 is its threshold)")
+    predictions: list[Prediction] = Field(..., description="top_k classes, most probable first; probabilities "
+                                                           "are calibrated")
 
 
 class PredictResponse(BaseModel):
@@ -35,22 +44,25 @@ class PredictResponse(BaseModel):
 
     model_config = {"json_schema_extra": {"examples": [{
         "model": "cnn",
-        "results": [{"filename": "stop.jpg", "predictions": [
+        "results": [{"filename": "stop.jpg", "recognized": True, "sign_probability": 0.998, "predictions": [
             {"class_id": 14, "label": "Stop", "probability": 0.993},
             {"class_id": 17, "label": "No entry", "probability": 0.004},
         ]}],
     }]}}
 
 
-def predict_response(model: LoadedModel, uploads: list[Upload], ranked: list[tuple[list[int], list[float]]],
+def predict_response(model: LoadedModel, uploads: list[Upload], ranked: list[RankedAnswer],
                      top_k: int) -> PredictResponse:
-    """The answer to POST /v1/predict: per upload, its `top_k` most probable classes with their names.
-    `ranked` holds, per upload, every class id by falling probability and the probabilities."""
-    labels = model.class_names
+    """The answer to POST /v1/predict: per upload, whether it shows one of the signs
+    (models.calibration.is_recognized) and its `top_k` most probable classes with their names.
+    `ranked` holds, per upload, every class id by falling probability, the probabilities and the
+    sign probability."""
+    labels, rule = model.class_names, model.calibration.rule
     return PredictResponse(model=model.name, results=[
-        FileResult(filename=upload.filename, predictions=[
+        FileResult(filename=upload.filename, recognized=bool(is_recognized(probabilities[0], sign, rule)),
+                   sign_probability=sign, predictions=[
             Prediction(class_id=c, label=labels[c], probability=p)
             for c, p in zip(class_ids[:top_k], probabilities[:top_k])
         ])
-        for upload, (class_ids, probabilities) in zip(uploads, ranked)
+        for upload, (class_ids, probabilities, sign) in zip(uploads, ranked)
     ])

@@ -1,5 +1,6 @@
 // The upload page: pick or drop images. Crops go to /v1/predict (top-5 signs per image); photos
 // larger than a crop go to /v1/detect when a detector is served (every sign boxed and named).
+// An image that most likely shows none of the signs says so plainly: "No sign recognised".
 "use strict";
 
 const MAX_FILES_PER_REQUEST = 64;  // the service's default limit; larger selections go in several requests
@@ -48,13 +49,14 @@ async function loadModels() {
   const detector = models.find((m) => m.kind === "detector");
   detectorName = detector ? detector.name : null;
   modelSelect.replaceChildren(...models.filter((m) => m.kind !== "detector").map((m) => el("option", {
-    value: m.name, text: `${m.name} (${m.architecture}, ${(100 * (m.test_accuracy ?? 0)).toFixed(2)}% test)`,
+    value: m.name, text: `${m.name} (${m.members ? m.members.join(" + ") : m.architecture}, ` +
+      `${(100 * (m.test_accuracy ?? 0)).toFixed(2)}% test)`,
   })));
   if (best) modelSelect.value = best;
   modelSelect.disabled = false;
   showModelInfo(models);
   modelSelect.addEventListener("change", () => showModelInfo(models));
-  $("#plots").replaceChildren(...models.map((m) => el("figure", {},
+  $("#plots").replaceChildren(...models.filter((m) => m.epochs > 0).map((m) => el("figure", {},
     el("img", { src: `/v1/models/${encodeURIComponent(m.name)}/metrics.png`, alt: `training curves of ${m.name}`,
                 loading: "lazy" }),
     el("figcaption", {}, `${m.name}: `,
@@ -66,8 +68,9 @@ async function loadModels() {
 function showModelInfo(models) {
   const m = models.find((x) => x.name === modelSelect.value);
   if (!m) return;
-  $("#model-info").textContent = `${m.parameters.toLocaleString("en")} parameters, ${m.input_size}×${m.input_size} ` +
-    `input, ${m.epochs} epochs from ${m.start_weights} weights, on ${m.device}` +
+  const trained = m.members ? `the mean of the calibrated probabilities of ${m.members.join(" and ")}`
+    : `${m.input_size}×${m.input_size} input, ${m.epochs} epochs from ${m.start_weights} weights`;
+  $("#model-info").textContent = `${m.parameters.toLocaleString("en")} parameters, ${trained}, on ${m.device}` +
     (detectorName ? `; photos: signs found by ${detectorName}, named by this model` : "");
 }
 
@@ -128,9 +131,12 @@ function resultCard(file, result) {
     el("div", { class: "row" }, el("span", { class: "label", text: p.label }),
       el("span", { class: "probability", text: percent(p.probability) })),
     el("div", { class: "bar" }, el("span", { style: `width: ${(100 * p.probability).toFixed(1)}%` }))));
-  return el("article", { class: "result" }, thumb,
+  const verdict = result.recognized ? []
+    : [el("p", { class: "verdict", text: "No sign recognised" }),
+       el("p", { class: "muted", text: "The image most likely shows none of the 43 signs; the closest classes:" })];
+  return el("article", { class: result.recognized ? "result" : "result unrecognized" }, thumb,
     el("div", { class: "body" }, el("div", { class: "filename", text: result.filename || file.name }),
-      el("ol", { class: "predictions" }, ...rows)));
+      ...verdict, el("ol", { class: "predictions" }, ...rows)));
 }
 
 async function classify(files) {
