@@ -109,6 +109,14 @@ class CalibratedClassifier(nn.Module):
         return probabilities, signs
 
 
+def calibrated_outputs(model: nn.Module, calibration: Calibration, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier on a normalised batch -> (calibrated probabilities [N, C], sign probabilities [N]),
+    float32 on x's device. Serving (through CalibratedClassifier) and the detector's naming of boxes
+    both compute this; feed the top-1 probability and the sign probability to `is_recognized` with
+    `calibration.rule`."""
+    return CalibratedClassifier(model, calibration)(x)
+
+
 def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits.float() / temperature).softmax(dim=-1)
 

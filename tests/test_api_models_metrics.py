@@ -89,7 +89,9 @@ def test_metrics_plot_is_a_png(client, model_names):
 def test_probes(client, model_names):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["status"] == "ready" and sorted(ready["models"]) == sorted(model_names)
+    served = [m["name"] for m in client.get("/v1/models").json()["models"]]  # the ensemble too
+    assert ready["status"] == "ready" and sorted(ready["models"]) == sorted(served)
+    assert set(model_names) <= set(served)
 
 
 def test_openapi_documents_the_api(client):

@@ -86,3 +86,8 @@ def test_calibration_lowers_the_ece_on_real_test_images(name, n):
     after = expected_calibration_error(loaded.calibration.probabilities(logits), test.labels)
     assert after < 0.03 and after < before / 3, (before, after)
     assert torch.equal(loaded.calibration.probabilities(logits).argmax(1), logits.argmax(1))
+
+
+def test_the_ensemble_has_no_receptive_field_of_its_own(client):
+    response = client.get(f"/v1/models/{ENSEMBLE_NAME}/receptive-field")
+    assert response.status_code == 422 and "cnn and resnet18" in response.json()["detail"]

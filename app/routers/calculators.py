@@ -25,6 +25,7 @@ from app.schemas.calculators import (
 from models.calc import conv_layer_answer, conv_matrix_answer, receptive_field_answer
 from models.checkpoint import unwrap
 from models.conv_matrix import ConvMatrixError, MatrixTooLargeError, conv_matrix
+from models.ensemble import ENSEMBLE_NAME
 from models.conv_shapes import EmptyOutputError, conv_layer
 from models.receptive_field import (
     JumpTooLargeError,
@@ -66,6 +67,9 @@ def model_receptive_field(
 ) -> dict:
     """The table for a served model, read off its modules: every conv and pool layer along the deepest
     path (ResNet shortcuts skipped, as they add no depth)."""
+    if loaded.architecture == ENSEMBLE_NAME:
+        raise HTTPException(422, f"{loaded.name} averages {' and '.join(loaded.ensemble.members)}, which have "
+                                 "receptive fields of their own: ask for one of them")
     size = input_size or loaded.preprocessing.input_size
     return {"model": loaded.name, "architecture": loaded.architecture, "input_size": size,
             **_table(size, layers_of_module(unwrap(loaded.model)), ("query", "input_size"), per_layer=False)}
