@@ -14,6 +14,7 @@ A checkpoint stores its `Calibration` as plain data (`to_dict`) under the key "c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -37,6 +38,11 @@ class RecognitionRule:
 
     min_confidence: float = DEFAULT_MIN_CONFIDENCE  # on the calibrated top-1 probability
     min_sign_probability: float = 0.0  # on the gate's P(one of the 43 signs); 0: no gate
+
+    def check(self) -> None:
+        for name in ("min_confidence", "min_sign_probability"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} is not a probability")
 
 
 def is_recognized(top_probability: Number, sign_probability: Number, rule: RecognitionRule) -> Number:
@@ -62,6 +68,18 @@ class Calibration:
         if self.gate_weight is None:
             return torch.ones(features.shape[0], dtype=features.dtype, device=features.device)
         return torch.sigmoid(features @ self.gate_weight.to(features) + self.gate_bias)
+
+    def check(self) -> None:
+        """ValueError when the numbers cannot be served (what a checkpoint's loader refuses)."""
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature {self.temperature} is not a positive number")
+        if self.gate_weight is not None and (self.gate_weight.ndim != 1 or not torch.isfinite(self.gate_weight).all()):
+            raise ValueError("gate_weight is not a finite vector")
+        if not math.isfinite(self.gate_bias):
+            raise ValueError(f"gate_bias {self.gate_bias} is not finite")
+        self.rule.check()
+        if not isinstance(self.report, dict):
+            raise ValueError("report is not a dict")
 
     def to_dict(self) -> dict:
         return {"temperature": float(self.temperature),

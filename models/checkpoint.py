@@ -38,7 +38,7 @@ from typing import IO, Any, Callable
 import torch
 from torch import nn
 
-from models.architectures import build_model, count_parameters
+from models.architectures import build_model, classifier_head, count_parameters
 from models.calibration import Calibration
 from models.ensemble import ENSEMBLE_NAME, EnsembleSpec
 from models.preprocessing import INTERPOLATIONS, Preprocessing
@@ -198,6 +198,12 @@ def metadata_problems(ckpt: dict) -> list[str]:
     for key, kind in (("start_weights", str), ("train_args", dict), ("data", dict), ("metrics", list)):
         if key in ckpt and not isinstance(ckpt[key], kind):
             problems.append(f"{key} is a {type(ckpt[key]).__name__}, not a {kind.__name__}")
+    for key, parse in (("calibration", Calibration.from_dict), ("ensemble", EnsembleSpec.from_dict)):
+        if ckpt.get(key) is not None:
+            try:
+                parse(ckpt[key]).check()
+            except Exception as exc:  # KeyError, TypeError, ValueError, AttributeError on what it cannot read
+                problems.append(f"{key} is malformed ({type(exc).__name__}: {exc})")
     required = METRIC_FIELDS if ckpt["architecture"] in CLASSIFIER_ARCHITECTURES else ("epoch",)
     for i, row in enumerate(ckpt.get("metrics", []) if isinstance(ckpt.get("metrics", []), list) else []):
         if not isinstance(row, dict):
@@ -241,6 +247,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit architecture {ckpt['architecture']!r}: {exc}") from exc
+    calibration = Calibration.from_dict(ckpt.get("calibration"))
+    if calibration.gate_weight is not None and ckpt["architecture"] in CLASSIFIER_ARCHITECTURES \
+            and len(calibration.gate_weight) != classifier_head(model).in_features:
+        raise CheckpointError(f"{path}: the sign gate has {len(calibration.gate_weight)} weights, the model's "
+                              f"features {classifier_head(model).in_features}")
     device = torch.device(device)
     model.to(device).eval()
     return LoadedModel(
@@ -257,7 +268,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         path=path,
         device=device,
         parameters=count_parameters(model),
-        calibration=Calibration.from_dict(ckpt.get("calibration")),
+        calibration=calibration,
         ensemble=EnsembleSpec.from_dict(ckpt["ensemble"]) if ckpt.get("ensemble") else None,
         inference=dict(ckpt.get("inference", {})),
     )

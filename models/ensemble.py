@@ -56,6 +56,13 @@ class EnsembleSpec:
     def validation_accuracy(self) -> float | None:
         return self.report.get("validation_accuracy")
 
+    def check(self) -> None:
+        if len(self.members) < 2 or not all(isinstance(m, str) for m in self.members):
+            raise ValueError(f"members {self.members!r} are not two or more model names")
+        self.rule.check()
+        if not isinstance(self.report, dict):
+            raise ValueError("report is not a dict")
+
     def to_dict(self) -> dict:
         return {"members": list(self.members), "min_confidence": self.rule.min_confidence,
                 "min_sign_probability": self.rule.min_sign_probability, "report": dict(self.report)}

@@ -105,3 +105,30 @@ def test_combine_ranked_is_the_mean_of_the_members_probabilities():
     assert class_ids == mean.argsort(descending=True).tolist() == [0, 1, 2]
     assert probabilities == pytest.approx(mean.sort(descending=True).values.tolist())
     assert sign == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("calibration", {"temperature": 0.0}, "calibration is malformed"),
+    ("calibration", {"temperature": 0.5, "min_confidence": 1.5}, "calibration is malformed"),
+    ("ensemble", {"members": ["cnn"], "min_confidence": 0.7, "min_sign_probability": 0.5}, "ensemble is malformed"),
+])
+def test_malformed_calibration_metadata_is_refused_at_load(tmp_path, key, value, message):
+    from models.checkpoint import CheckpointError
+
+    ckpt = make_checkpoint(build_model("cnn"), architecture="cnn", class_names=list(CLASS_NAMES),
+                           preprocessing=Preprocessing(), start_weights="random", metrics=[], train_args={}, data={})
+    ckpt[key] = value
+    atomic_save(ckpt, tmp_path / "cnn.pt")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "cnn.pt")
+
+
+def test_a_gate_that_does_not_fit_the_features_is_refused(tmp_path):
+    from models.checkpoint import CheckpointError
+
+    ckpt = make_checkpoint(build_model("cnn"), architecture="cnn", class_names=list(CLASS_NAMES),
+                           preprocessing=Preprocessing(), start_weights="random", metrics=[], train_args={}, data={})
+    ckpt["calibration"] = Calibration(0.5, torch.zeros(512)).to_dict()  # a resnet18's gate
+    atomic_save(ckpt, tmp_path / "cnn.pt")
+    with pytest.raises(CheckpointError, match="sign gate has 512 weights"):
+        load_checkpoint(tmp_path / "cnn.pt")
