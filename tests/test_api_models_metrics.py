@@ -10,7 +10,8 @@ from PIL import Image
 from models.checkpoint import file_sha256, metrics_csv, safe_load, served_checkpoints
 
 MODEL_FIELDS = {"name", "kind", "architecture", "parameters", "input_size", "test_accuracy", "validation",
-                "score_threshold", "epochs", "start_weights", "checkpoint_sha256", "device", "backend"}
+                "score_threshold", "epochs", "start_weights", "checkpoint_sha256", "device", "backend",
+                "members", "calibration"}
 
 
 @pytest.fixture
@@ -24,12 +25,17 @@ def checkpoint(checkpoint_dir, name: str) -> dict:
 
 def test_models_list_describes_every_checkpoint(checkpoint_snapshot, client):
     body = client.get("/v1/models").json()
-    names = [m["name"] for m in body["models"]]
+    names = [m["name"] for m in body["models"] if not m["members"]]  # the ensemble has no checkpoint of its own
     served = [p.stem for p in served_checkpoints(checkpoint_snapshot)]
     assert sorted(names) == served
     for info in body["models"]:
         assert set(info) == MODEL_FIELDS
+        if info["members"]:
+            continue
         ckpt = checkpoint(checkpoint_snapshot, info["name"])
+        if "calibration" in ckpt:
+            assert info["calibration"]["temperature"] == ckpt["calibration"]["temperature"]
+            assert info["calibration"]["test_ece"] == ckpt["calibration"]["report"]["after"]["test"]["ece"]
         assert info["architecture"] == ckpt["architecture"]
         assert info["input_size"] == ckpt["preprocessing"]["input_size"]
         assert info["epochs"] == len(ckpt["metrics"])
@@ -44,8 +50,9 @@ def test_models_list_describes_every_checkpoint(checkpoint_snapshot, client):
         assert info["device"] in ("cpu", "cuda", "cuda:0")
         # the suite's server runs torch (tests/conftest.py); other backends: tests/test_backends.py
         assert info["backend"]["backend"] == "torch"
-    best = max((m for m in body["models"] if m["kind"] == "classifier"), key=lambda m: m["test_accuracy"])
-    assert body["default"] == best["name"]
+    best = max((m for m in body["models"] if m["kind"] == "classifier" and not m["members"]),
+               key=lambda m: m["test_accuracy"])
+    assert body["default"] in (best["name"], "ensemble")  # tests/test_recognition.py checks which
 
 
 def test_one_model(client, model_names):
