@@ -18,6 +18,7 @@ from torch import nn
 from app.engine import Predictor, classifier_job
 from models.backends import (BACKENDS, TORCH_FP32, BackendRecord, Job, installed, load_forward, output_parity,
                              select, torch_forward)
+from models.calibration import CalibratedClassifier
 from models.checkpoint import load_checkpoint
 from models.export import InputSpec, read_metadata
 from models.preprocessing import Preprocessing, normalize
@@ -50,7 +51,8 @@ def test_each_runtime_answers_like_torch_on_real_images(name, backend, checkpoin
                                                         gtsrb_test_samples):
     loaded, job = job_for(name, checkpoint_snapshot, tmp_path, parity_images=500 if name == "cnn" else 64,
                           accuracy=name == "cnn")
-    forward, record = select(loaded.model, job, request=backend, threads=1)
+    # the module the service runs: the network with its calibration (app.engine.choose_backend)
+    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request=backend, threads=1)
     assert (record.backend, record.precision) == (backend, "fp32"), record
     figures = record.parity[record.label]
     assert figures["top1_mismatches"] == 0 and figures["max_abs_prob_diff"] <= 1e-4, figures
