@@ -90,6 +90,9 @@ async def detect(request: Request) -> DetectResponse:
     classifier = get_served_model(service, query.classifier)
     if classifier.loaded.architecture == "detector":
         raise HTTPException(422, f"{classifier.loaded.name!r} is a detector; classifier= takes a classifier")
+    if classifier.batcher is None:  # the ensemble runs through its members' batchers
+        raise HTTPException(422, f"{classifier.loaded.name!r} cannot name boxes yet; classifier= takes one of "
+                                 f"{', '.join(r.loaded.name for r in classifier.runners)}")
     settings, pre = service.settings, detector.loaded.preprocessing
     min_score = query.min_score if query.min_score is not None else \
         detector.loaded.inference.get("score_threshold", 0.3)
