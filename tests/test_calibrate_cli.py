@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from conftest import CHECKPOINT_DIR, ROOT
+from models.paths import DEFAULT_CHECKPOINT_DIR as CHECKPOINT_DIR, PROJECT_ROOT as ROOT
 from models.checkpoint import atomic_save, load_checkpoint, safe_load
 from training.data import default_data_root
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CHECKPOINT_DIR
+from models.paths import DEFAULT_CHECKPOINT_DIR as CHECKPOINT_DIR
 from helpers import encode, files
 from models.calibration import Calibration, expected_calibration_error
 from models.checkpoint import load_checkpoint
