@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageOps
 
+from models.calibration import calibrated_outputs, is_recognized
 from models.checkpoint import LoadedModel
 from models.detector import GROUPS, classifier_crops, detect
 from models.preprocessing import image_to_uint8, normalize
@@ -43,18 +44,22 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
 
 @torch.inference_mode()
-def classify(classifier: LoadedModel, crops: torch.Tensor) -> tuple[list[int], list[float]]:
-    """uint8 crops [K, 3, S, S] -> top-1 class ids and their probabilities."""
+def classify(classifier: LoadedModel, crops: torch.Tensor) -> tuple[list[int], list[float], list[bool]]:
+    """uint8 crops [K, 3, S, S] -> top-1 class ids, their calibrated probabilities, and whether each
+    crop is recognised as one of the 43 signs (models.calibration.is_recognized, as the service)."""
     if len(crops) == 0:
-        return [], []
-    probabilities = classifier.model(normalize(crops.to(classifier.device), classifier.preprocessing)).softmax(1)
+        return [], [], []
+    x = normalize(crops.to(classifier.device), classifier.preprocessing)
+    probabilities, signs = calibrated_outputs(classifier.model, classifier.calibration, x)
     best, class_ids = probabilities.max(1)
-    return class_ids.tolist(), best.tolist()
+    recognized = is_recognized(best, signs, classifier.calibration.rule)
+    return class_ids.tolist(), best.tolist(), recognized.tolist()
 
 
 def find_signs(image: Image.Image, detector: LoadedModel, classifier: LoadedModel,
                min_score: float | None = None) -> list[FoundSign]:
-    """Every sign in `image` by falling detector score (min_score: the checkpoint's threshold)."""
+    """Every sign in `image` by falling detector score (min_score: the checkpoint's threshold); boxes
+    the classifier does not recognise as one of the 43 signs are dropped."""
     if min_score is None:
         min_score = detector.inference.get("score_threshold", 0.3)
     image = upright_rgb(image)
@@ -62,6 +67,7 @@ def find_signs(image: Image.Image, detector: LoadedModel, classifier: LoadedMode
     (found,) = detect(detector.model, frame.unsqueeze(0).to(detector.device), detector.preprocessing,
                       min_score=min_score)
     boxes = to_image_boxes([d.box for d in found], image.size, (frame.shape[2], frame.shape[1]))
-    class_ids, probabilities = classify(classifier, classifier_crops(image, boxes, classifier.preprocessing))
+    class_ids, probabilities, recognized = classify(classifier, classifier_crops(image, boxes,
+                                                                                 classifier.preprocessing))
     return [FoundSign(box, d.score, GROUPS[d.group], c, p)
-            for box, d, c, p in zip(boxes, found, class_ids, probabilities)]
+            for box, d, c, p, r in zip(boxes, found, class_ids, probabilities, recognized) if r]

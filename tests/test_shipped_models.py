@@ -65,7 +65,7 @@ def test_shipped_detector_is_compact_and_scores_what_it_recorded_on_the_validati
                             capture_output=True, text=True, timeout=900, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert (report["frames"], report["signs"]) == (100, 71)
-    # the recorded AP is reproducible, and what docs/detector.md states holds
-    assert report["map50"] == pytest.approx(loaded.metrics[-1]["val_map50"], abs=1e-6)
-    assert report["map50"] >= 0.75 and report["recall"] >= 0.78 and report["precision"] >= 0.72, report
-    assert report["end_to_end"] >= 0.78, report
+    # what README.md and docs/detector.md state (the pipeline drops boxes the classifier does not
+    # recognise, so its AP is the detector's recorded one or better)
+    assert report["map50"] >= loaded.metrics[-1]["val_map50"] - 0.01, report
+    assert report["recall"] >= 0.79 and report["precision"] >= 0.77 and report["end_to_end"] >= 0.79, report

@@ -19,6 +19,7 @@ from app.schemas.detect import DetectQuery, DetectResponse, FrameResult, Sign
 from app.schemas.health import ErrorResponse
 from app.service import ServedModel, Service
 from app.workers import WorkerDied
+from models.calibration import is_recognized
 from models.detector import GROUPS, classifier_crops
 from models.preprocessing import image_to_uint8
 
@@ -113,8 +114,11 @@ async def detect(request: Request) -> DetectResponse:
     for upload, scene, signs in zip(uploads, scenes, kept):
         (sx, sy), (width, height), named = scene.scale, scene.original_size, []
         for (x1, y1, x2, y2), score, group in signs:
-            class_ids, probabilities = ranked[position][0], ranked[position][1]
+            class_ids, probabilities, sign_probability = ranked[position][:3]
             position += 1
+            # the classifier's verdict on the crop: a box that is none of the 43 signs is dropped
+            if not is_recognized(probabilities[0], sign_probability, classifier.loaded.calibration.rule):
+                continue
             box = (max(0.0, x1 * sx), max(0.0, y1 * sy), min(float(width), x2 * sx), min(float(height), y2 * sy))
             named.append(Sign(box=tuple(round(v, 1) for v in box), score=score, group=GROUPS[group],
                               class_id=class_ids[0], label=labels[class_ids[0]], probability=probabilities[0]))
