@@ -47,7 +47,7 @@ def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
         for batch, answer in zip(items, answers[name]):
             expected = predictor.ranked(batch)
             assert len(answer) == len(batch)
-            for (ids, probabilities), (want_ids, want_probabilities) in zip(answer, expected):
+            for (ids, probabilities, *_), (want_ids, want_probabilities, *_) in zip(answer, expected):
                 assert ids[0] == want_ids[0]
                 torch.testing.assert_close(torch.tensor(probabilities), torch.tensor(want_probabilities),
                                            atol=1e-5, rtol=1e-4)
