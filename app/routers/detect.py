@@ -2,44 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.batching import QueueFull
 from app.dependencies import get_served_model, require_ready
-from app.routers.predict import OPENAPI_EXTRA, read_uploads
+from app.routers.predict import OPENAPI_EXTRA, await_results, parse_query, query_parameters, read_uploads
 from app.decoding import decode_uploads
 from app.imaging import SceneDecoder
 from app.schemas.detect import DetectQuery, DetectResponse, FrameResult, Sign
 from app.schemas.health import ErrorResponse
 from app.service import ServedModel, Service
-from app.workers import WorkerDied
 from models.calibration import is_recognized
 from models.detector import GROUPS, classifier_crops
 from models.preprocessing import image_to_uint8
 
 router = APIRouter(prefix="/v1", tags=["detect"])
 
-DETECT_OPENAPI = {
-    **OPENAPI_EXTRA,
-    "parameters": [
-        {"name": name, "in": "query", "required": False, "description": schema.get("description"),
-         "schema": {k: v for k, v in schema.items() if k != "description"}}
-        for name, schema in DetectQuery.model_json_schema()["properties"].items()
-    ],
-}
-
-
-def parse_query(request: Request) -> DetectQuery:
-    try:
-        return DetectQuery.model_validate(request.query_params)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False)])
+DETECT_OPENAPI = {**OPENAPI_EXTRA, "parameters": query_parameters(DetectQuery)}
 
 
 def get_detector(service: Service) -> ServedModel:
@@ -57,10 +39,8 @@ async def submit(served: ServedModel, images: list, service: Service) -> list:
     except QueueFull as exc:
         service.metrics.queue_rejections.labels(served.loaded.name).inc()
         raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    try:
-        return list(await asyncio.gather(*futures))
-    except WorkerDied as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+    # the same deadline (504), hung-worker (504) and dead-worker (503) answers as /v1/predict
+    return list(await await_results(futures, service.settings.request_timeout_s))
 
 
 @router.post(
@@ -85,7 +65,7 @@ async def detect(request: Request) -> DetectResponse:
     decoded (reduced on decode to the detector's input where the format allows, EXIF orientation
     applied), the detector finds the signs, and the classifier names each box from a crop of the
     photo; boxes are in the uploaded image's pixels, best first."""
-    query = parse_query(request)
+    query = parse_query(request, DetectQuery)
     service = require_ready(request.app.state.service)
     detector = get_detector(service)
     classifier = get_served_model(service, query.classifier)
