@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
 import torch
 
-from models.backends import BackendRecord, Forward, Job, load_forward, select
+from models.backends import BackendRecord, Forward, Job, load_forward, output_parity, select
 from models.calibration import CalibratedClassifier
 from models.checkpoint import LoadedModel
 from models.export import InputSpec, checkpoint_metadata
-from models.detector import detect
+from models.detector import detect, frame_batch
 from models.preprocessing import normalize
 
 log = logging.getLogger("signserve")
@@ -125,18 +124,47 @@ def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity
                accuracy=accuracy if split is not None else None, name=loaded.name)
 
 
+def detector_job(loaded: LoadedModel, cache_dir: Path, parity_frames: int = 2) -> Job:
+    """What choosing the detector's backend checks and times: the first `parity_frames` validation
+    frames of GTSDB holding signs, whole, as the service sizes them (height and width stay dynamic in
+    the export: any photo's shape runs). Without the data set the job has no frames, and `select`
+    keeps torch."""
+    from PIL import Image
+
+    from models.preprocessing import image_to_uint8
+    from training.data import default_data_root
+    from training.gtsdb import read_ground_truth, split_frames
+
+    pre = loaded.preprocessing
+    batches: list[torch.Tensor] = []
+    try:
+        root = default_data_root()
+        frames = [f for f in split_frames(read_ground_truth(root), "val") if f.signs][:parity_frames]
+        for frame in frames:
+            with Image.open(Path(root) / "gtsdb" / "images" / frame.name) as image:
+                batches.append(frame_batch(image_to_uint8(image, pre).unsqueeze(0), pre))
+    except FileNotFoundError as exc:
+        log.warning("%s: %s", loaded.name, exc)
+    measure = batches[0] if batches else frame_batch(torch.zeros(1, 3, 800, pre.input_size, dtype=torch.uint8), pre)
+    spec = InputSpec(tuple(measure.shape), dynamic_axes=(0, 2, 3))
+    # a whole frame takes ~0.1-1 s: time long enough for a few forwards of each candidate per round
+    return Job(loaded.sha256, spec, batches, measure, Path(cache_dir), parity=output_parity,
+               metadata=checkpoint_metadata(loaded), measure_seconds=6.0, name=loaded.name)
+
+
 def choose_backend(loaded: LoadedModel, request: str, *, cache_dir: Path, batch_size: int, parity_images: int,
                    threads: int, half: bool = True) -> BackendRecord:
-    """The backend record a classifier is served with (models.backends.select; cached per checkpoint,
+    """The backend record a model is served with (models.backends.select; cached per checkpoint,
     machine and thread count). `torch` skips the export, parity and timing altogether."""
-    if request == "torch" or loaded.device.type == "cuda" or loaded.architecture == "detector":
+    if request == "torch" or loaded.device.type == "cuda":
         precision = "fp16" if half and loaded.device.type == "cuda" else "fp32"
         reason = "SIGNSERVE_BACKEND=torch" if request == "torch" else \
-            "the detector runs on torch (its exports are not parity-checked yet)" \
-            if loaded.architecture == "detector" else \
             f"CUDA: torch {precision} (the CPU runtimes do not apply; TensorRT is not wired in)"
         return BackendRecord("torch", precision, reason=reason, threads=threads)
     try:
+        if loaded.architecture == "detector":
+            return select(loaded.model, detector_job(loaded, cache_dir), request=request, device=loaded.device,
+                          threads=threads, half=half)[1]
         job = classifier_job(loaded, cache_dir, batch_size, parity_images)
         module = CalibratedClassifier(loaded.model, loaded.calibration)  # what Predictor runs
         return select(module, job, request=request, device=loaded.device, threads=threads, half=half)[1]
@@ -154,28 +182,32 @@ Found = list[tuple[tuple[float, float, float, float], float, int]]  # (box, scor
 
 class DetectorPredictor:
     """uint8 frames [N, 3, H, W] -> per frame, (box, score, group) of every sign by falling score,
-    boxes in the frames' pixels. The detector's counterpart of `Predictor.run`: same precision,
-    memory format and device rules, plain lists out."""
+    boxes in the frames' pixels. The detector's counterpart of `Predictor.run`: its forward runs on
+    the backend its record names (torch NHWC, fp16 on CUDA, or an exported runtime with dynamic frame
+    sizes), plain lists out."""
 
-    def __init__(self, loaded: LoadedModel, *, half: bool = True, channels_last: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, *, half: bool = True, channels_last: bool = True,
+                 backend: BackendRecord | None = None, threads: int | None = None) -> None:
         self.loaded = loaded
         self.device = loaded.device
-        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
-        self.model = copy.deepcopy(loaded.model).to(device=self.device, dtype=self.dtype).eval()
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        if backend is None:
+            backend = BackendRecord("torch", "fp16" if half and self.device.type == "cuda" else "fp32")
+        self.forward, self.backend = load_forward(backend, loaded.model, self.device,
+                                                  threads or torch.get_num_threads(),
+                                                  channels_last=channels_last, name=loaded.name)
 
     @property
     def name(self) -> str:
         return self.loaded.name
 
     def run(self, images: torch.Tensor) -> list[Found]:
-        images = images.to(self.device)
-        found = detect(self.model, images, self.loaded.preprocessing, min_score=DETECTION_FLOOR, dtype=self.dtype)
+        # on CUDA the uint8 frames travel and are normalised there (a quarter of the float32 bytes)
+        images = images.to(self.device) if self.device.type == "cuda" else images
+        found = detect(self.forward, images, self.loaded.preprocessing, min_score=DETECTION_FLOOR)
         return [[(d.box, d.score, d.group) for d in frame] for frame in found]
 
     def warmup(self, max_batch_size: int) -> None:
-        """One frame of the benchmark's size: the first request then finds oneDNN's kernels ready."""
+        """One frame of the benchmark's size: the first request then finds the kernels ready."""
         side = self.loaded.preprocessing.input_size
         self.run(torch.zeros(1, 3, side * 800 // 1360, side, dtype=torch.uint8))
         if self.device.type == "cuda":
@@ -184,8 +216,8 @@ class DetectorPredictor:
 
 def make_predictor(loaded: LoadedModel, *, half: bool = True, channels_last: bool = True,
                    backend: BackendRecord | None = None, threads: int | None = None) -> Predictor | DetectorPredictor:
-    """The handler for a checkpoint's kind: a classifier's Predictor (on its chosen backend) or the
-    DetectorPredictor (torch)."""
+    """The handler for a checkpoint's kind, on its chosen backend: a classifier's Predictor or the
+    DetectorPredictor."""
     if loaded.architecture == "detector":
-        return DetectorPredictor(loaded, half=half, channels_last=channels_last)
+        return DetectorPredictor(loaded, half=half, channels_last=channels_last, backend=backend, threads=threads)
     return Predictor(loaded, half=half, channels_last=channels_last, backend=backend, threads=threads)

@@ -491,20 +491,20 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
     if request in ("auto", "torch"):
         best = max(rates, key=rates.get)
         if best != TORCH_FP32.label and rates[best] < MIN_SPEEDUP * torch_rate:
-            record.rejected[best] = (f"less than {MIN_SPEEDUP}x torch fp32 ({rates[best]:.0f} against "
-                                     f"{torch_rate:.0f} images/s)")
+            record.rejected[best] = (f"less than {MIN_SPEEDUP}x torch fp32 ({rates[best]:.3g} against "
+                                     f"{torch_rate:.3g} images/s)")
             best = TORCH_FP32.label
     else:  # an explicit runtime: served whenever it passes, however fast
         asked = [label for label, (c, _, _) in passing.items() if c.backend == request]
         best = max(asked, key=rates.get) if asked else TORCH_FP32.label
     for label in passing:
         if label != best and label not in record.rejected:
-            record.rejected[label] = f"slower ({rates[label]:.0f} images/s against {rates[best]:.0f})"
+            record.rejected[label] = f"slower ({rates[label]:.3g} images/s against {rates[best]:.3g})"
     candidate, forward, artifact = passing[best]
     record.backend, record.precision, record.artifact = candidate.backend, candidate.precision, artifact
     if best != TORCH_FP32.label:
         record.reason = (f"{'fastest' if request == 'auto' else 'requested, and'} passing parity: "
-                         f"{rates[best]:.0f} images/s, {rates[best] / torch_rate:.2f}x torch fp32 in the same run")
+                         f"{rates[best]:.3g} images/s, {rates[best] / torch_rate:.2f}x torch fp32 in the same run")
     elif request in ("auto", "torch"):
         record.reason = "torch fp32: no other candidate passed parity and was faster"
     else:

@@ -157,14 +157,26 @@ def crop_box(box: tuple[float, float, float, float], width: int, height: int,
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
-@torch.inference_mode()
-def detect(model: nn.Module, images: torch.Tensor, pre, *, min_score: float, max_detections: int = 100,
-           dtype: torch.dtype = torch.float32) -> list[list[Detection]]:
-    """uint8 frames [N, 3, H, W] (already resized by `pre`) -> detections in those frames' pixels."""
+def frame_batch(images: torch.Tensor, pre) -> torch.Tensor:
+    """uint8 frames [N, 3, H, W] (already resized by `pre`) -> the network's float32 input, normalised
+    and padded to a multiple of PAD_MULTIPLE: what an exported detector takes too."""
     from models.preprocessing import normalize
 
-    x = pad_to_multiple(normalize(images, pre)).to(dtype).contiguous(memory_format=torch.channels_last)
-    heat, size, offset = model(x)
+    return pad_to_multiple(normalize(images, pre))
+
+
+@torch.inference_mode()
+def detect(forward, images: torch.Tensor, pre, *, min_score: float,
+           max_detections: int = 100) -> list[list[Detection]]:
+    """uint8 frames [N, 3, H, W] (already resized by `pre`) -> detections in those frames' pixels.
+
+    `forward` is the SignDetector itself (run NHWC on its own device and dtype), or any forward that
+    takes `frame_batch`'s float32 input and returns the three maps (models.backends)."""
+    x = frame_batch(images, pre)
+    if isinstance(forward, nn.Module):
+        weight = next(forward.parameters())
+        x = x.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
+    heat, size, offset = forward(x)
     return decode(heat.float(), size.float(), offset.float(), min_score=min_score, max_detections=max_detections)
 
 

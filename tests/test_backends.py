@@ -110,6 +110,34 @@ def test_the_detector_on_whole_frames_of_any_size(backend, tmp_path):
             torch.testing.assert_close(g, w, atol=1e-4 * float(w.abs().max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_the_shipped_detector_serves_on_each_runtime(backend, checkpoint_snapshot, tmp_path):
+    """The service's own path: detector_job checks parity on real validation frames, and the
+    DetectorPredictor on the chosen runtime finds the same signs as torch in frames of other sizes."""
+    from app.engine import DetectorPredictor, detector_job
+    from models.preprocessing import image_to_uint8
+
+    loaded = load_checkpoint(checkpoint_snapshot / "detector.pt", name="detector")
+    job = detector_job(loaded, tmp_path / "cache")
+    if not job.parity_batches:
+        pytest.skip(f"no GTSDB frames under {default_data_root()}")
+    job.measure_seconds = 0.3
+    _, record = select(loaded.model, job, request=backend, threads=1)
+    assert (record.backend, record.precision) == (backend, "fp32"), record
+    assert record.parity[record.label]["batches"] == 2 and record.parity[record.label]["max_rel_diff"] <= 1e-4
+    served, reference = DetectorPredictor(loaded, backend=record, threads=1), DetectorPredictor(loaded, threads=1)
+    assert served.backend == record.label and reference.backend == TORCH_FP32.label
+    with Image.open(sorted(GTSDB_IMAGES.glob("*.jpg"))[550]) as image:
+        whole = image_to_uint8(image, loaded.preprocessing).unsqueeze(0)
+        small = image_to_uint8(image.resize((680, 400)), loaded.preprocessing).unsqueeze(0)
+    for frame in (whole, small):
+        (got,), (want,) = served.run(frame), reference.run(frame)
+        assert len(got) == len(want) > 0
+        for (box, score, group), (box_ref, score_ref, group_ref) in zip(got, want):
+            assert group == group_ref and abs(score - score_ref) < 1e-4
+            assert max(abs(a - b) for a, b in zip(box, box_ref)) < 0.01
+
+
 class FlipsSmallBatches(nn.Module):
     """Branches on its input in Python: tracing exporters keep the branch the example batch took."""
 
