@@ -34,6 +34,7 @@ evaluate: setup
 	$(BIN)/python -m training.evaluate --checkpoint models/checkpoints/$(MODEL).pt
 
 bench: setup
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.detect
 

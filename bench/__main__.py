@@ -5,6 +5,7 @@ per request as multipart/form-data, loopback only):
 
 - service:  `python -m app`, the real service with its dynamic batcher;
 - plain:    a hand-written per-request FastAPI handler, no batching (bench/plain_handler.py);
+- litserve: the same checkpoint served by LitServe with its own dynamic batching (bench/litserve_peer.py);
 - bare:     the model's batched forward pass alone (bench/forward.py) on the backend the service
             chose, right before and right after the service's runs of that model;
 - backends: each backend's bare forward (bench/backends.py), in one interleaved run;
@@ -268,6 +269,13 @@ class Bench:
         return self.serve_and_measure(f"plain-{name}", command, port, "/healthz", {"plain": "/v1/predict"},
                                       env={"BENCH_CHECKPOINT": str(self.path_of[name])})["plain"]
 
+    def litserve(self, name: str) -> dict:
+        port = harness.free_port()
+        command = [sys.executable, "-m", "bench.litserve_peer", str(port)]
+        return self.serve_and_measure(f"litserve-{name}", command, port, "/health", {"litserve": "/v1/predict"},
+                                      env={"BENCH_CHECKPOINT": str(self.path_of[name]),
+                                           "BENCH_MAX_BATCH_SIZE": str(self.settings.max_batch_size)})["litserve"]
+
     def bare_forward_summary(self, name: str) -> dict:
         rounds = self.rounds[name]
         configs = rounds[0]
@@ -310,6 +318,9 @@ def main() -> None:
     print("plain per-request handler (no batching):", flush=True)
     for name, model in report["models"].items():
         model["plain"] = bench.plain(name)
+    print("LitServe (its own dynamic batching):", flush=True)
+    for name, model in report["models"].items():
+        model["litserve"] = bench.litserve(name)
         model.update(bench.bare_forward_summary(name))
     report["machine"]["loadavg_end"] = loadavg()
     top = max(args.concurrency)

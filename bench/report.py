@@ -27,6 +27,8 @@ def summarize(report: dict, top: int) -> dict:
             f"service_c{top}_over_min_bare_ceiling": service / bound,
             f"service_c{top}_over_min_single_forward_loop_ceiling": service / min(plain_loop, ceiling),
             f"service_c{top}_over_plain_c{top}": service / m["plain"][str(top)]["requests_per_s"],
+            f"service_c{top}_over_litserve_c{top}": service / m["litserve"][str(top)]["requests_per_s"]
+            if "litserve" in m else None,
             "service_c1_p50_ms": m["service"]["1"]["p50_ms"] if "1" in m["service"] else None,
             "bound_requests_per_s": bound,
             "bound_is": "bare forward" if bare < ceiling else "HTTP ceiling",
@@ -51,6 +53,8 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
         chosen = m.get("backend", {})
         rows += [(name, "signserve (batched)", f"{chosen.get('backend', 'torch')}-{chosen.get('precision', 'fp32')}",
                   m["service"]), (name, "plain handler", "torch-fp32", m["plain"])]
+        if "litserve" in m:
+            rows.append((name, "LitServe (batched)", "torch-fp32", m["litserve"]))
     for model, server, backend, runs in rows:
         for c in concurrency:
             r = runs[str(c)]
@@ -90,6 +94,12 @@ def print_table(report: dict, concurrency: list[int], top: int) -> None:
               f"(the floor alone allows {s['cpu_floor_limit_over_bound']:.2f} of the bound)")
         print(f"  service c={top} / plain c={top}      = {ratio_plain:.2f}  (target >= 2: "
               f"{'met' if ratio_plain >= 2 else 'NOT met'})")
+        ratio_litserve = s[f"service_c{top}_over_litserve_c{top}"]
+        if ratio_litserve is not None:
+            p50 = m["litserve"].get("1", {}).get("p50_ms")
+            print(f"  service c={top} / LitServe c={top}   = {ratio_litserve:.2f}  (target >= 2.5: "
+                  f"{'met' if ratio_litserve >= 2.5 else 'NOT met'})" +
+                  (f"; LitServe c=1 p50 {p50:.2f} ms" if p50 is not None else ""))
         if s["service_c1_p50_ms"] is not None:
             print(f"  service c=1 p50 = {s['service_c1_p50_ms']:.2f} ms" +
                   ("  (target for cnn < 10 ms: " + ("met" if s["service_c1_p50_ms"] < 10 else "NOT met") + ")"

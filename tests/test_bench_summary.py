@@ -21,6 +21,7 @@ def _report(bare_single: float, bare_plan: float, service_c32: float) -> dict:
             "request_work_cpu_ms": 0.2,
             "service": {"1": _run(150, 6.0), "32": _run(service_c32, 2.5, mean_batch_size=16.0)},
             "plain": {"32": _run(150, 10.0)},
+            "litserve": {"32": _run(400, 4.0)},
         }},
     }
 
@@ -31,6 +32,7 @@ def test_bound_is_the_faster_forward_when_it_is_below_the_ceiling():
     assert s["service_c32_over_min_bare_ceiling"] == pytest.approx(0.5)
     assert s["service_c32_over_min_single_forward_loop_ceiling"] == pytest.approx(800 / 1200)
     assert s["service_c32_over_plain_c32"] == pytest.approx(800 / 150)
+    assert s["service_c32_over_litserve_c32"] == pytest.approx(800 / 400)
 
 
 def test_bound_is_the_http_ceiling_when_the_forward_is_faster():
@@ -54,10 +56,11 @@ def test_the_table_names_each_backend(capsys):
     report = _report(bare_single=1200, bare_plan=1600, service_c32=800)
     cnn = report["models"]["cnn"]
     cnn["service"]["1"]["p95_ms"] = cnn["service"]["1"]["p99_ms"] = 6.0
-    for runs in (cnn["service"], cnn["plain"], report["ceiling"]["upload"], report["ceiling"]["raw_body"]):
+    for runs in (cnn["service"], cnn["plain"], cnn["litserve"], report["ceiling"]["upload"], report["ceiling"]["raw_body"]):
         for run in runs.values():
             run.update(p95_ms=run.get("p95_ms", 6.0), p99_ms=run.get("p99_ms", 7.0), p50_ms=run["p50_ms"])
     cnn["plain"]["1"] = cnn["plain"]["32"]
+    cnn["litserve"]["1"] = cnn["litserve"]["32"]
     report["ceiling"]["upload"]["1"] = report["ceiling"]["upload"]["32"]
     report["ceiling"]["raw_body"]["1"] = report["ceiling"]["raw_body"]["32"]
     cnn["backend"] = {"backend": "openvino", "precision": "fp32"}
@@ -70,4 +73,6 @@ def test_the_table_names_each_backend(capsys):
     out = capsys.readouterr().out
     assert "| cnn | signserve (batched) | openvino-fp32 | 32 | 800 |" in out
     assert "| cnn | plain handler | torch-fp32 | 32 | 150 |" in out
+    assert "| cnn | LitServe (batched) | torch-fp32 | 32 | 400 |" in out
+    assert "service c=32 / LitServe c=32   = 2.00  (target >= 2.5: NOT met); LitServe c=1 p50 5.00 ms" in out
     assert "| cnn | openvino-fp32 | 600 | yes |" in out and "| cnn | torch-fp32 | 300 |  |" in out
