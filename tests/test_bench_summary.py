@@ -56,7 +56,8 @@ def test_the_table_names_each_backend(capsys):
     report = _report(bare_single=1200, bare_plan=1600, service_c32=800)
     cnn = report["models"]["cnn"]
     cnn["service"]["1"]["p95_ms"] = cnn["service"]["1"]["p99_ms"] = 6.0
-    for runs in (cnn["service"], cnn["plain"], cnn["litserve"], report["ceiling"]["upload"], report["ceiling"]["raw_body"]):
+    for runs in (cnn["service"], cnn["plain"], cnn["litserve"], report["ceiling"]["upload"],
+                 report["ceiling"]["raw_body"]):
         for run in runs.values():
             run.update(p95_ms=run.get("p95_ms", 6.0), p99_ms=run.get("p99_ms", 7.0), p50_ms=run["p50_ms"])
     cnn["plain"]["1"] = cnn["plain"]["32"]
