@@ -11,7 +11,7 @@ MODEL  ?= cnn
 EPOCHS ?= 20
 ARGS   ?=
 
-.PHONY: setup test serve train evaluate bench container-up container-down clean
+.PHONY: setup test test-container serve train evaluate bench container-up container-down clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not container"
+
+# the image built and served by Docker or podman (tests/test_container.py; needs an engine, see docs/docker.md)
+test-container: setup
+	$(BIN)/python -m pytest -m container
 
 serve: setup
 	SIGNSERVE_HOST=$(HOST) SIGNSERVE_PORT=$(PORT) $(BIN)/python -m app
