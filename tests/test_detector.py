@@ -133,13 +133,23 @@ def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path):
 
     report = subprocess.run([sys.executable, "-m", "training.evaluate_detection", "--checkpoint", str(out),
                              "--classifier", str(ROOT / "models" / "checkpoints" / "cnn.pt"),
-                             "--data-root", default_data_root(), "--frames", "val", "--min-score", "0.5"],
+                             "--data-root", default_data_root(), "--frames", "val", "--min-score", "0.5",
+                             "--sweep"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr
     result = json.loads(report.stdout.strip().splitlines()[-1])
     assert result["frames"] == 100 and result["signs"] == 71
     assert {"precision", "recall", "map50", "end_to_end"} <= set(result)
     assert "group danger" in report.stdout and "width 0-24 px" in report.stdout
+    lines = report.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["min_score"])
+    sweep = [line.split() for line in lines[start + 1:start + 12]]
+    assert [float(row[0]) for row in sweep] == [t / 100 for t in range(20, 71, 5)]
+    recalls = [float(row[2]) for row in sweep]
+    assert recalls == sorted(recalls, reverse=True)  # a higher threshold never finds more
+    at_half = sweep[6]
+    assert float(at_half[2]) == pytest.approx(result["recall"], abs=1e-4)
+    assert float(at_half[3]) == pytest.approx(result["end_to_end"], abs=1e-4)
 
 
 def test_scene_decoding_keeps_a_photo_that_needs_no_change_usable():

@@ -31,6 +31,18 @@ from training.gtsdb import read_ground_truth, split_frames
 SIZE_BUCKETS = ((0, 24), (24, 48), (48, 10_000))  # sign width in pixels
 
 
+def scored_at(evaluated: list, min_score: float) -> tuple[int, list[tuple[int, float, bool]]]:
+    """Signs found at or above `min_score` and named right, and per true sign (group, width, found)."""
+    named, per_sign = 0, []
+    for found, truths in evaluated:
+        kept = [f for f in found if f.score >= min_score]
+        hits = match([(f.box, f.score) for f in kept], [s.box for s in truths])
+        matched = {j: f for f, j in zip(kept, hits) if j is not None}
+        named += sum(1 for j, f in matched.items() if f.class_id == truths[j].class_id)
+        per_sign += [(group_of(s.class_id), s.box[2] - s.box[0], j in matched) for j, s in enumerate(truths)]
+    return named, per_sign
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(PROJECT_ROOT / "models" / "checkpoints" / "detector.pt"))
@@ -40,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", default="all", choices=["all", "val", "train"])
     p.add_argument("--min-score", type=float, default=None, help="default: the checkpoint's score_threshold")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also print precision, recall and end-to-end at score thresholds 0.20-0.70 (one pass)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,23 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     frames = split_frames(read_ground_truth(args.data_root), args.frames)
     folder = Path(args.data_root) / "gtsdb" / "images"
 
-    pooled, named, seconds = [], 0, []
-    low_threshold = []  # every detection down to 0.05, for AP
-    per_sign: list[tuple[int, float, bool]] = []  # (group, width, found) of each true sign
+    seconds = []
+    evaluated = []  # (signs found down to 0.05, the frame's true signs)
     for frame in frames:
         with Image.open(folder / frame.name) as image:
             started = time.perf_counter()
-            found = find_signs(image, detector, classifier, min_score=min(0.05, min_score))
+            evaluated.append((find_signs(image, detector, classifier, min_score=min(0.05, min_score)), frame.signs))
             seconds.append(time.perf_counter() - started)
-        truths = [s.box for s in frame.signs]
-        low_threshold.append(([(f.box, f.score) for f in found], truths))
-        kept = [f for f in found if f.score >= min_score]
-        hits = match([(f.box, f.score) for f in kept], truths)
-        matched = {j: f for f, j in zip(kept, hits) if j is not None}
-        named += sum(1 for j, f in matched.items() if f.class_id == frame.signs[j].class_id)
-        per_sign += [(group_of(s.class_id), s.box[2] - s.box[0], j in matched) for j, s in enumerate(frame.signs)]
-        pooled.append(kept)
-
+    low_threshold = [([(f.box, f.score) for f in found], [s.box for s in truths]) for found, truths in evaluated]
+    named, per_sign = scored_at(evaluated, min_score)
+    if args.sweep:
+        print(f"{'min_score':>9}{'precision':>11}{'recall':>8}{'end-to-end':>12}")
+        for threshold in [t / 100 for t in range(20, 71, 5)]:
+            at = detection_summary(low_threshold, threshold)
+            right = scored_at(evaluated, threshold)[0]
+            print(f"{threshold:>9.2f}{at['precision']:>11.4f}{at['recall']:>8.4f}{right / max(1, at['signs']):>12.4f}")
     summary = detection_summary(low_threshold, min_score)
     signs = summary["signs"]
     print(f"detector {args.checkpoint} (score >= {min_score:.2f}), named by {classifier.name}; "
