@@ -79,17 +79,20 @@ def main(argv: list[str] | None = None) -> int:
                     if timed:
                         latencies.append(elapsed)
                         signs += len(response.json()["results"][0]["signs"])
+            models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     finally:
         server.stop()
     forward = {threads: bare_forward_ms(CHECKPOINTS / "detector.pt", frames[0], threads) for threads in (1, 2)}
-    report = {"frames": len(latencies), "signs_found": signs, "concurrency": 1,
+    backend = models.get("detector", {}).get("backend") or {}
+    report = {"frames": len(latencies), "signs_found": signs, "concurrency": 1, "backend": backend,
               "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
               "p99_ms": percentile(latencies, 99), "mean_ms": statistics.fmean(latencies),
               "bare_forward_ms": {str(k): v for k, v in forward.items()}}
     print(f"/v1/detect, one 1360x800 JPEG per request, concurrency 1, {len(latencies)} frames: "
           f"p50 {report['p50_ms']:.0f} ms, p95 {report['p95_ms']:.0f} ms, p99 {report['p99_ms']:.0f} ms "
-          f"({signs} signs found)")
-    print("detector forward + decoding on one frame in-process: " +
+          f"({signs} signs found; the detector's forward on {backend.get('backend', '?')}-"
+          f"{backend.get('precision', '?')}: {backend.get('reason', '')})")
+    print("torch fp32 detector forward + decoding on one frame in-process: " +
           ", ".join(f"{k} thread{'s' if k > 1 else ''} {v:.0f} ms" for k, v in forward.items()))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
