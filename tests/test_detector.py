@@ -133,8 +133,7 @@ def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path):
 
     report = subprocess.run([sys.executable, "-m", "training.evaluate_detection", "--checkpoint", str(out),
                              "--classifier", str(ROOT / "models" / "checkpoints" / "cnn.pt"),
-                             "--data-root", default_data_root(), "--frames", "val", "--min-score", "0.5",
-                             "--sweep"],
+                             "--data-root", default_data_root(), "--frames", "val", "--choose-threshold"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr
     result = json.loads(report.stdout.strip().splitlines()[-1])
@@ -147,9 +146,10 @@ def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path):
     assert [float(row[0]) for row in sweep] == [t / 100 for t in range(20, 71, 5)]
     recalls = [float(row[2]) for row in sweep]
     assert recalls == sorted(recalls, reverse=True)  # a higher threshold never finds more
-    at_half = sweep[6]
-    assert float(at_half[2]) == pytest.approx(result["recall"], abs=1e-4)
-    assert float(at_half[3]) == pytest.approx(result["end_to_end"], abs=1e-4)
+    chosen = next(row for row in sweep if float(row[0]) == result["min_score"])  # reported at the stored threshold
+    assert load_checkpoint(out).inference["score_threshold"] == result["min_score"]
+    assert float(chosen[2]) == pytest.approx(result["recall"], abs=1e-4)
+    assert float(chosen[3]) == pytest.approx(result["end_to_end"], abs=1e-4)
 
 
 def test_scene_decoding_keeps_a_photo_that_needs_no_change_usable():

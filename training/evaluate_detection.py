@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import atomic_save, load_checkpoint, safe_load
 from models.detector import GROUPS, group_of
 from models.scene import find_signs
 from training.data import PROJECT_ROOT, default_data_root
@@ -29,6 +29,14 @@ from training.detection_metrics import detection_summary, match
 from training.gtsdb import read_ground_truth, split_frames
 
 SIZE_BUCKETS = ((0, 24), (24, 48), (48, 10_000))  # sign width in pixels
+SWEEP = tuple(t / 100 for t in range(20, 71, 5))  # the score thresholds --sweep reports
+
+
+def store_threshold(path: Path, score_threshold: float) -> None:
+    """Write the service's default min_score into a detector checkpoint (atomically, nothing else changes)."""
+    checkpoint = safe_load(path)
+    checkpoint["inference"] = {**checkpoint.get("inference", {}), "score_threshold": score_threshold}
+    atomic_save(checkpoint, path)
 
 
 def scored_at(evaluated: list, min_score: float) -> tuple[int, list[tuple[int, float, bool]]]:
@@ -54,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--sweep", action="store_true",
                    help="also print precision, recall and end-to-end at score thresholds 0.20-0.70 (one pass)")
+    p.add_argument("--choose-threshold", action="store_true",
+                   help="take the sweep's best-F1 threshold (ties: the higher), report at it, and store it in the "
+                        "checkpoint as the service's default min_score (inference.score_threshold); implies --sweep")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     detector = load_checkpoint(args.checkpoint)
     classifier = load_checkpoint(args.classifier)
     min_score = args.min_score if args.min_score is not None else detector.inference.get("score_threshold", 0.3)
+    if args.choose_threshold:
+        min_score = min(SWEEP)  # find everything the sweep needs
     frames = split_frames(read_ground_truth(args.data_root), args.frames)
     folder = Path(args.data_root) / "gtsdb" / "images"
 
@@ -72,13 +85,19 @@ def main(argv: list[str] | None = None) -> int:
             evaluated.append((find_signs(image, detector, classifier, min_score=min(0.05, min_score)), frame.signs))
             seconds.append(time.perf_counter() - started)
     low_threshold = [([(f.box, f.score) for f in found], [s.box for s in truths]) for found, truths in evaluated]
-    named, per_sign = scored_at(evaluated, min_score)
-    if args.sweep:
+    if args.sweep or args.choose_threshold:
         print(f"{'min_score':>9}{'precision':>11}{'recall':>8}{'end-to-end':>12}")
-        for threshold in [t / 100 for t in range(20, 71, 5)]:
+        f1 = {}
+        for threshold in SWEEP:
             at = detection_summary(low_threshold, threshold)
             right = scored_at(evaluated, threshold)[0]
+            f1[threshold] = 2 * at["precision"] * at["recall"] / max(1e-9, at["precision"] + at["recall"])
             print(f"{threshold:>9.2f}{at['precision']:>11.4f}{at['recall']:>8.4f}{right / max(1, at['signs']):>12.4f}")
+        if args.choose_threshold:
+            min_score = max(reversed(SWEEP), key=f1.get)
+            store_threshold(Path(args.checkpoint), min_score)
+            print(f"stored score_threshold {min_score:.2f} (best F1 {f1[min_score]:.4f}) in {args.checkpoint}")
+    named, per_sign = scored_at(evaluated, min_score)
     summary = detection_summary(low_threshold, min_score)
     signs = summary["signs"]
     print(f"detector {args.checkpoint} (score >= {min_score:.2f}), named by {classifier.name}; "

@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsdb/ and gtsrb/ (env GTSRB_ROOT)")
     p.add_argument("--output", help="checkpoint path (default: detector.pt in $SIGNSERVE_CHECKPOINT_DIR, else "
                                     "in models/checkpoints)")
-    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--epochs", type=int, default=32)
     p.add_argument("--crops-per-epoch", type=int, default=2048, help="training windows per epoch, all ranks")
     p.add_argument("--batch-size", type=int, default=16, help="global batch size, split over DDP ranks")
     p.add_argument("--crop", type=int, default=256, help="side of a training window in pixels")
