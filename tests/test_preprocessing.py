@@ -69,3 +69,19 @@ def test_equalisation_stretches_a_dark_image():
     plain = image_to_uint8(dark, Preprocessing(input_size=32, equalize=False))
     equalized = image_to_uint8(dark, Preprocessing(input_size=32, equalize=True))
     assert int(plain.max()) < 40 and int(equalized.max()) > 200
+
+
+@pytest.mark.parametrize("split,count", [("train", 25087), ("test", 4001)])
+def test_samples_are_listed_exactly_as_torchvision_lists_them(split, count):
+    """training.data reads the layout itself (importing torchvision costs a process seconds); the files,
+    their order and class ids must be the reader's the data set is documented for."""
+    from torchvision.datasets import GTSRB
+
+    ours = list_samples(default_data_root(), split)
+    theirs = [(str(path), int(label)) for path, label in GTSRB(root=default_data_root(), split=split)._samples]
+    assert len(ours) == count and ours == theirs
+
+
+def test_a_missing_data_root_names_the_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GTSRB_ROOT"):
+        list_samples(str(tmp_path), "train")

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the checkpoint that names each box")
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsdb/ (env GTSRB_ROOT)")
     p.add_argument("--frames", default="all", choices=["all", "val", "train"])
+    p.add_argument("--max-frames", type=int, default=None, help="the first N of those frames, for smoke runs")
     p.add_argument("--min-score", type=float, default=None, help="default: the checkpoint's score_threshold")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--sweep", action="store_true",
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     min_score = args.min_score if args.min_score is not None else detector.inference.get("score_threshold", 0.3)
     if args.choose_threshold:
         min_score = min(SWEEP)  # find everything the sweep needs
-    frames = split_frames(read_ground_truth(args.data_root), args.frames)
+    frames = split_frames(read_ground_truth(args.data_root), args.frames)[:args.max_frames]
     folder = Path(args.data_root) / "gtsdb" / "images"
 
     seconds = []
