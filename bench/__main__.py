@@ -289,7 +289,9 @@ def main() -> None:
     args = parse_args()
     harness.wrk_available()
     settings = Settings(checkpoint_dir=args.checkpoint_dir)
-    paths = [p for p in served_checkpoints(args.checkpoint_dir) if not args.models or p.stem in args.models]
+    # the classifiers: /v1/predict's models (the detector has its own bench, bench/detect.py)
+    paths = [p for p in served_checkpoints(args.checkpoint_dir) if (not args.models or p.stem in args.models)
+             and load_checkpoint(p).architecture != "detector"]
     if not paths:
         raise SystemExit(f"no checkpoints to bench in {args.checkpoint_dir}")
     work = ROOT / ".bench"
