@@ -308,6 +308,22 @@ def test_the_in_process_engine_runs_the_requested_backend(checkpoint_snapshot, t
     assert max(got, key=got.get) == int(want.argmax())
     assert max(abs(got[i] - float(want[i])) for i in got) <= 1e-4
 
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="openvino not installed")
+def test_openvino_forwards_do_not_pin_threads(tmp_path):
+    """Each worker process runs its own forward; pinned, OpenVINO puts every process's threads on the
+    same first cores."""
+    from models.backends import openvino_forward
+    from models.export import export_openvino
+
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 43)).eval()
+    path = export_openvino(module, InputSpec((2, 3, 32, 32)), tmp_path / "m.xml", {})
+    forward = openvino_forward(path, threads=1, precision="fp32")
+    assert forward.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert forward.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(forward(x), module(x), atol=1e-5, rtol=1e-4)
+
+
 def test_reduced_precision_is_tried_only_where_the_cpu_has_it():
     from models.backends import candidates
 
