@@ -97,15 +97,16 @@ class Predictor:
 def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity_images: int) -> Job:
     """What choosing a classifier's backend checks and times: `parity_images` real GTSRB test images
     (a class-mixed sample), the accuracy on the whole test split, batches of the service's size.
-    Without the data set the job has no images, and `select` keeps torch."""
-    from training.data import default_data_root, load_split
-
+    Without the data set (or the training package, as in the container image) the job has no images,
+    and `select` keeps torch."""
     pre = loaded.preprocessing
     spec = InputSpec((batch_size, 3, pre.input_size, pre.input_size))
     try:
+        from training.data import default_data_root, load_split
+
         split = load_split(default_data_root(), "test", pre)
-    except FileNotFoundError as exc:
-        log.warning("%s: %s", loaded.name, exc)
+    except (FileNotFoundError, ImportError) as exc:
+        log.warning("%s: no real images to check a backend on (%s)", loaded.name, exc)
         split = None
     sample = split.subset(parity_images).images if split is not None else torch.zeros(0, 3, 1, 1)
     batches = [normalize(sample[i:i + batch_size], pre) for i in range(0, len(sample), batch_size)]
@@ -127,24 +128,25 @@ def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity
 def detector_job(loaded: LoadedModel, cache_dir: Path, parity_frames: int = 2) -> Job:
     """What choosing the detector's backend checks and times: the first `parity_frames` validation
     frames of GTSDB holding signs, whole, as the service sizes them (height and width stay dynamic in
-    the export: any photo's shape runs). Without the data set the job has no frames, and `select`
-    keeps torch."""
+    the export: any photo's shape runs). Without the data set (or the training package, as in the
+    container image) the job has no frames, and `select` keeps torch."""
     from PIL import Image
 
     from models.preprocessing import image_to_uint8
-    from training.data import default_data_root
-    from training.gtsdb import read_ground_truth, split_frames
 
     pre = loaded.preprocessing
     batches: list[torch.Tensor] = []
     try:
+        from training.data import default_data_root
+        from training.gtsdb import read_ground_truth, split_frames
+
         root = default_data_root()
         frames = [f for f in split_frames(read_ground_truth(root), "val") if f.signs][:parity_frames]
         for frame in frames:
             with Image.open(Path(root) / "gtsdb" / "images" / frame.name) as image:
                 batches.append(frame_batch(image_to_uint8(image, pre).unsqueeze(0), pre))
-    except FileNotFoundError as exc:
-        log.warning("%s: %s", loaded.name, exc)
+    except (FileNotFoundError, ImportError) as exc:
+        log.warning("%s: no real frames to check a backend on (%s)", loaded.name, exc)
     measure = batches[0] if batches else frame_batch(torch.zeros(1, 3, 800, pre.input_size, dtype=torch.uint8), pre)
     spec = InputSpec(tuple(measure.shape), dynamic_axes=(0, 2, 3))
     # a whole frame takes ~0.1-1 s: time long enough for a few forwards of each candidate per round

@@ -212,6 +212,25 @@ def test_without_real_images_torch_is_kept(tmp_path, caplog):
     assert "no real images" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["cnn", "detector"])
+def test_without_the_training_package_the_jobs_have_no_images(name, checkpoint_snapshot, tmp_path, monkeypatch,
+                                                              caplog):
+    """The container image ships app/ and models/ only: choosing a backend there finds nothing to check
+    parity on and keeps torch, with a warning rather than an error."""
+    from app.engine import choose_backend, classifier_job, detector_job
+
+    for module in ("training.data", "training.gtsdb"):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    loaded = load_checkpoint(checkpoint_snapshot / f"{name}.pt", name=name)
+    job = (detector_job(loaded, tmp_path) if name == "detector" else
+           classifier_job(loaded, tmp_path, batch_size=8, parity_images=8))
+    assert job.parity_batches == [] and job.accuracy is None
+    with caplog.at_level(logging.WARNING, logger="signserve"):
+        record = choose_backend(loaded, "auto", cache_dir=tmp_path, batch_size=8, parity_images=8, threads=1)
+    assert record.label == "torch-fp32" and "no real images" in record.reason
+    assert "check a backend on" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_a_record_whose_file_is_gone_loads_torch(checkpoint_snapshot, caplog):
     loaded = load_checkpoint(checkpoint_snapshot / "cnn.pt")
     record = BackendRecord("openvino", "fp32", artifact="/nonexistent/model.xml")
