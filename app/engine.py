@@ -30,6 +30,16 @@ def select_device(setting: str) -> torch.device:
     return device
 
 
+def served_forward(module: torch.nn.Module, loaded: LoadedModel, *, half: bool, channels_last: bool,
+                   backend: BackendRecord | None, threads: int | None) -> tuple[Forward, str]:
+    """The forward a handler runs `module` with, and the label of what runs: the backend record's, or
+    without one torch (fp16 on CUDA when `half`)."""
+    if backend is None:
+        backend = BackendRecord("torch", "fp16" if half and loaded.device.type == "cuda" else "fp32")
+    return load_forward(backend, module, loaded.device, threads or torch.get_num_threads(),
+                        channels_last=channels_last, name=loaded.name)
+
+
 class Predictor:
     """uint8 image batch [N, 3, S, S] -> calibrated class probabilities [N, C] and sign probabilities
     [N] (float32, CPU): the network wrapped with its checkpoint's calibration (CalibratedClassifier),
@@ -47,13 +57,10 @@ class Predictor:
                  backend: BackendRecord | None = None, threads: int | None = None) -> None:
         self.loaded = loaded
         self.device = loaded.device
-        if backend is None:
-            backend = BackendRecord("torch", "fp16" if half and self.device.type == "cuda" else "fp32")
         # `backend`, after this, is the label of what really runs: the record's, or torch-fp32 if it failed to load
-        self.forward, self.backend = load_forward(backend, CalibratedClassifier(loaded.model, loaded.calibration),
-                                                  self.device,
-                                                  threads or torch.get_num_threads(), channels_last=channels_last,
-                                                  name=loaded.name)
+        self.forward, self.backend = served_forward(CalibratedClassifier(loaded.model, loaded.calibration), loaded,
+                                                    half=half, channels_last=channels_last, backend=backend,
+                                                    threads=threads)
         self.input_size = loaded.preprocessing.input_size
 
     @property
@@ -192,11 +199,8 @@ class DetectorPredictor:
                  backend: BackendRecord | None = None, threads: int | None = None) -> None:
         self.loaded = loaded
         self.device = loaded.device
-        if backend is None:
-            backend = BackendRecord("torch", "fp16" if half and self.device.type == "cuda" else "fp32")
-        self.forward, self.backend = load_forward(backend, loaded.model, self.device,
-                                                  threads or torch.get_num_threads(),
-                                                  channels_last=channels_last, name=loaded.name)
+        self.forward, self.backend = served_forward(loaded.model, loaded, half=half, channels_last=channels_last,
+                                                    backend=backend, threads=threads)
 
     @property
     def name(self) -> str:
