@@ -165,19 +165,35 @@ def frame_batch(images: torch.Tensor, pre) -> torch.Tensor:
     return pad_to_multiple(normalize(images, pre))
 
 
+# Heat maps and sizes are averaged over each frame and its mirror image (CenterNet's flip test): signs
+# keep their group when mirrored, and the second look costs one more forward (docs/detector.md).
+FLIP_TEST = True
+
+
+def merge_flipped(maps: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs for [frames; mirrored frames] -> the frames' heat and size averaged with the mirrored
+    ones flipped back, and the frames' own offsets (a mirrored sub-cell offset points the other way).
+    Cells line up exactly: the padded width is a multiple of the stride."""
+    heat, size, offset = maps
+    return (heat[:n] + heat[n:].flip(-1)) / 2, (size[:n] + size[n:].flip(-1)) / 2, offset[:n]
+
+
 @torch.inference_mode()
-def detect(forward, images: torch.Tensor, pre, *, min_score: float,
-           max_detections: int = 100) -> list[list[Detection]]:
+def detect(forward, images: torch.Tensor, pre, *, min_score: float, max_detections: int = 100,
+           flip_test: bool = FLIP_TEST) -> list[list[Detection]]:
     """uint8 frames [N, 3, H, W] (already resized by `pre`) -> detections in those frames' pixels.
 
     `forward` is the SignDetector itself (run NHWC on its own device and dtype), or any forward that
     takes `frame_batch`'s float32 input and returns the three maps (models.backends)."""
     x = frame_batch(images, pre)
+    if flip_test:
+        x = torch.cat([x, x.flip(-1)])
     if isinstance(forward, nn.Module):
         weight = next(forward.parameters())
         x = x.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
-    heat, size, offset = forward(x)
-    return decode(heat.float(), size.float(), offset.float(), min_score=min_score, max_detections=max_detections)
+    maps = tuple(m.float() for m in forward(x))
+    heat, size, offset = merge_flipped(maps, len(images)) if flip_test else maps
+    return decode(heat, size, offset, min_score=min_score, max_detections=max_detections)
 
 
 def classifier_crops(image, boxes: list[tuple[float, float, float, float]], pre) -> torch.Tensor:

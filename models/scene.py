@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from models.calibration import calibrated_outputs, is_recognized
 from models.checkpoint import LoadedModel
-from models.detector import GROUPS, classifier_crops, detect
+from models.detector import FLIP_TEST, GROUPS, classifier_crops, detect
 from models.preprocessing import image_to_uint8, normalize
 
 
@@ -49,7 +49,8 @@ def classify(classifier: LoadedModel, crops: torch.Tensor) -> tuple[list[int], l
     crop is recognised as one of the 43 signs (models.calibration.is_recognized, as the service)."""
     if len(crops) == 0:
         return [], [], []
-    x = normalize(crops.to(classifier.device), classifier.preprocessing)
+    # NHWC input: ~1.4x faster convolutions on the CPU for the same answers
+    x = normalize(crops.to(classifier.device), classifier.preprocessing).contiguous(memory_format=torch.channels_last)
     probabilities, signs = calibrated_outputs(classifier.model, classifier.calibration, x)
     best, class_ids = probabilities.max(1)
     recognized = is_recognized(best, signs, classifier.calibration.rule)
@@ -57,7 +58,7 @@ def classify(classifier: LoadedModel, crops: torch.Tensor) -> tuple[list[int], l
 
 
 def find_signs(image: Image.Image, detector: LoadedModel, classifier: LoadedModel,
-               min_score: float | None = None) -> list[FoundSign]:
+               min_score: float | None = None, flip_test: bool = FLIP_TEST) -> list[FoundSign]:
     """Every sign in `image` by falling detector score (min_score: the checkpoint's threshold); boxes
     the classifier does not recognise as one of the 43 signs are dropped."""
     if min_score is None:
@@ -65,7 +66,7 @@ def find_signs(image: Image.Image, detector: LoadedModel, classifier: LoadedMode
     image = upright_rgb(image)
     frame = image_to_uint8(image, detector.preprocessing)
     (found,) = detect(detector.model, frame.unsqueeze(0).to(detector.device), detector.preprocessing,
-                      min_score=min_score)
+                      min_score=min_score, flip_test=flip_test)
     boxes = to_image_boxes([d.box for d in found], image.size, (frame.shape[2], frame.shape[1]))
     class_ids, probabilities, recognized = classify(classifier, classifier_crops(image, boxes,
                                                                                  classifier.preprocessing))

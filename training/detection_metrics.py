@@ -44,9 +44,13 @@ def average_precision(scored: Sequence[tuple[float, bool]], num_truths: int) -> 
     for _, hit in ranked:
         tp, fp = tp + hit, fp + (not hit)
         points.append((tp / num_truths, tp / (tp + fp)))
+    envelope, best = [], 0.0  # precision made monotone: the best at this recall or any higher
+    for _, precision in reversed(points):
+        best = max(best, precision)
+        envelope.append(best)
+    envelope.reverse()
     ap, previous_recall = 0.0, 0.0
-    for i, (recall, _) in enumerate(points):
-        best_precision = max(p for _, p in points[i:])  # the envelope: precision made monotone
+    for (recall, _), best_precision in zip(points, envelope):
         ap += (recall - previous_recall) * best_precision
         previous_recall = recall
     return ap
@@ -68,3 +72,9 @@ def detection_summary(frames: Sequence[tuple[Sequence[tuple[Box, float]], Sequen
         kept_tp += sum(h is not None for h in hits)
     return {"precision": kept_tp / kept if kept else 0.0, "recall": kept_tp / truths if truths else 0.0,
             "map50": average_precision(scored, truths), "signs": truths, "frames": len(frames)}
+
+
+def balanced_threshold(points: dict[float, tuple[float, float]]) -> float:
+    """Score threshold -> (precision, recall): the threshold whose smaller figure is highest (ties: the
+    higher threshold). Users need both: a missed sign and a made-up one cost alike."""
+    return max(sorted(points, reverse=True), key=lambda t: min(points[t]))

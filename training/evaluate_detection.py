@@ -25,7 +25,7 @@ from models.checkpoint import atomic_save, load_checkpoint, safe_load
 from models.detector import GROUPS, group_of
 from models.scene import find_signs
 from training.data import PROJECT_ROOT, default_data_root
-from training.detection_metrics import detection_summary, match
+from training.detection_metrics import balanced_threshold, detection_summary, match
 from training.gtsdb import read_ground_truth, split_frames
 
 SIZE_BUCKETS = ((0, 24), (24, 48), (48, 10_000))  # sign width in pixels
@@ -60,11 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", default="all", choices=["all", "val", "train"])
     p.add_argument("--max-frames", type=int, default=None, help="the first N of those frames, for smoke runs")
     p.add_argument("--min-score", type=float, default=None, help="default: the checkpoint's score_threshold")
+    p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
+                   help="one look at each frame, without averaging it with its mirror image (as served)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--sweep", action="store_true",
                    help="also print precision, recall and end-to-end at score thresholds 0.20-0.70 (one pass)")
     p.add_argument("--choose-threshold", action="store_true",
-                   help="take the sweep's best-F1 threshold (ties: the higher), report at it, and store it in the "
+                   help="take the sweep's balanced threshold (the highest lesser of precision and recall; ties: "
+                        "the higher threshold), report at it, and store it in the "
                         "checkpoint as the service's default min_score (inference.score_threshold); implies --sweep")
     args = p.parse_args(argv)
     if args.threads:
@@ -83,21 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     for frame in frames:
         with Image.open(folder / frame.name) as image:
             started = time.perf_counter()
-            evaluated.append((find_signs(image, detector, classifier, min_score=min(0.05, min_score)), frame.signs))
+            evaluated.append((find_signs(image, detector, classifier, min_score=min(0.05, min_score),
+                                         flip_test=args.flip_test), frame.signs))
             seconds.append(time.perf_counter() - started)
     low_threshold = [([(f.box, f.score) for f in found], [s.box for s in truths]) for found, truths in evaluated]
     if args.sweep or args.choose_threshold:
         print(f"{'min_score':>9}{'precision':>11}{'recall':>8}{'end-to-end':>12}")
-        f1 = {}
+        points = {}
         for threshold in SWEEP:
             at = detection_summary(low_threshold, threshold)
             right = scored_at(evaluated, threshold)[0]
-            f1[threshold] = 2 * at["precision"] * at["recall"] / max(1e-9, at["precision"] + at["recall"])
+            points[threshold] = (at["precision"], at["recall"])
             print(f"{threshold:>9.2f}{at['precision']:>11.4f}{at['recall']:>8.4f}{right / max(1, at['signs']):>12.4f}")
         if args.choose_threshold:
-            min_score = max(reversed(SWEEP), key=f1.get)
+            min_score = balanced_threshold(points)
             store_threshold(Path(args.checkpoint), min_score)
-            print(f"stored score_threshold {min_score:.2f} (best F1 {f1[min_score]:.4f}) in {args.checkpoint}")
+            print(f"stored score_threshold {min_score:.2f} (precision and recall at least "
+                  f"{min(points[min_score]):.4f}) in {args.checkpoint}")
     named, per_sign = scored_at(evaluated, min_score)
     summary = detection_summary(low_threshold, min_score)
     signs = summary["signs"]
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<24}{len(subset):>7}{found:>7}{found / max(1, len(subset)):>9.3f}")
     result = {"precision": summary["precision"], "recall": summary["recall"], "map50": summary["map50"],
               "end_to_end": named / signs if signs else 0.0, "frames": len(frames), "signs": signs,
-              "min_score": min_score, "classifier": classifier.name,
+              "min_score": min_score, "classifier": classifier.name, "flip_test": args.flip_test,
               "seconds_per_frame_median": sorted(seconds)[len(seconds) // 2] if seconds else 0.0}
     print(f"precision {result['precision']:.4f} recall {result['recall']:.4f} AP@0.5 {result['map50']:.4f} "
           f"end-to-end {result['end_to_end']:.4f} ({named}/{signs} found and named right); "

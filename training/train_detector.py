@@ -30,7 +30,7 @@ from models.detector import GROUPS, SignDetector, detect
 from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
 from training.detection_data import CropSampler, load_paste_signs
-from training.detection_metrics import detection_summary
+from training.detection_metrics import balanced_threshold, detection_summary
 from training.gtsdb import load_frames, read_ground_truth, split_frames
 from training.train import init_weights, make_scheduler
 from training.utils import EXIT_PREEMPTED, Logger, Preemption, describe_machine, setup_distributed
@@ -121,11 +121,9 @@ def predict_frames(model: nn.Module, pixels: list[torch.Tensor], pre: Preprocess
 
 
 def best_threshold(frames, candidates=tuple(x / 20 for x in range(2, 19))) -> float:
-    """The score threshold with the highest F1 on these frames (ties: the higher threshold)."""
-    def f1(t: float) -> float:
-        s = detection_summary(frames, t)
-        return 2 * s["precision"] * s["recall"] / max(1e-9, s["precision"] + s["recall"])
-    return max(reversed(candidates), key=f1)
+    """The balanced score threshold on these frames (detection_metrics.balanced_threshold)."""
+    summaries = {t: detection_summary(frames, t) for t in candidates}
+    return balanced_threshold({t: (s["precision"], s["recall"]) for t, s in summaries.items()})
 
 
 def validate(model, val_frames, val_pixels, pre, device) -> dict[str, float]:
