@@ -11,7 +11,7 @@ from torch import nn
 from models.conv_shapes import EmptyOutputError, conv_layer, conv_output_size, effective_kernel, pair
 
 
-def test_issue_example():
+def test_a_5x5_conv_with_10_filters_on_a_32x32_rgb_image():
     result = conv_layer(32, 32, 3, filters=10, kernel_size=5)
     assert (result.output_height, result.output_width, result.output_channels) == (28, 28, 10)
     assert result.parameters == 760  # 10 * 3 * 5 * 5 weights + 10 biases
