@@ -101,17 +101,25 @@ class Predictor:
             torch.cuda.synchronize(self.device)
 
 
+# Training images that set an int8 model's activation ranges (spread over all 43 classes)
+CALIBRATION_IMAGES = 512
+
+
 def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity_images: int) -> Job:
     """What choosing a classifier's backend checks and times: `parity_images` real GTSRB test images
-    (a class-mixed sample), the accuracy on the whole test split, batches of the service's size.
-    Without the data set (or the training package, as in the container image) the job has no images,
-    and `select` keeps torch."""
+    (a class-mixed sample), the accuracy on the whole test split (an int8 candidate must stay within
+    MAX_ACCURACY_DROP of torch fp32's), CALIBRATION_IMAGES training images for int8, batches of the
+    service's size. Without the data set (or the training package, as in the container image) the job
+    has no images, and `select` keeps torch."""
     pre = loaded.preprocessing
     spec = InputSpec((batch_size, 3, pre.input_size, pre.input_size))
+    calibration: list[torch.Tensor] = []
     try:
-        from training.data import default_data_root, load_split
+        from training.data import default_data_root, load_split, load_spread
 
         split = load_split(default_data_root(), "test", pre)
+        train = load_spread(default_data_root(), "train", pre, CALIBRATION_IMAGES).images
+        calibration = [normalize(train[i:i + 64], pre) for i in range(0, len(train), 64)]
     except (FileNotFoundError, ImportError) as exc:
         log.warning("%s: no real images to check a backend on (%s)", loaded.name, exc)
         split = None
@@ -129,7 +137,7 @@ def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity
 
     measure = batches[0] if batches else normalize(torch.zeros(spec.shape, dtype=torch.uint8), pre)
     return Job(loaded.sha256, spec, batches, measure, Path(cache_dir), metadata=checkpoint_metadata(loaded),
-               accuracy=accuracy if split is not None else None, name=loaded.name)
+               accuracy=accuracy if split is not None else None, calibration_batches=calibration, name=loaded.name)
 
 
 def detector_job(loaded: LoadedModel, cache_dir: Path, parity_frames: int = 2) -> Job:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -32,13 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.export import InputSpec, export_onnx, export_openvino
+from models.export import InputSpec, export_onnx, export_openvino, quantize_onnx
 
 log = logging.getLogger("signserve")
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 REQUESTS = ("auto", *BACKENDS)
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: parity covers the sign probability; int8 candidates
 # A runtime other than torch must beat torch fp32 by this factor to be chosen: within the noise of one
 # measurement, the reference runtime wins.
 MIN_SPEEDUP = 1.05
@@ -104,9 +105,17 @@ class Parity:
 # lists of per-batch module outputs, reference from torch fp32 on the same inputs.
 ParityRule = Callable[[list[Output], list[Output], str], Parity]
 
-# Largest difference in any class probability a candidate may show against torch fp32: fp32 runtimes
-# differ by summation order only (~1e-6 measured), bf16 keeps 8 bits of mantissa.
-PROBABILITY_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+# Largest difference in any probability (each class's, and the sign gate's) a candidate may show against
+# torch fp32: fp32 runtimes differ by summation order only (~1e-6 measured), bf16 keeps 8 bits of
+# mantissa, int8 rounds every activation to one of 256 levels.
+PROBABILITY_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2, "int8": 0.1}
+# Share of the images on which a candidate may still differ (another top-1, or a probability beyond
+# the tolerance): none at full or half precision. int8 moves a few borderline images (3 of the 4,001
+# test images changed top-1 for each shipped classifier); MAX_ACCURACY_DROP bounds what that costs.
+OUTLIER_SHARE = {"int8": 0.004}
+# A quantised candidate is served only if its accuracy on the whole test split is at most this far
+# below torch fp32's on the same images.
+MAX_ACCURACY_DROP = 0.001
 # The same for raw outputs (any network): max |difference| over max |reference|, per output tensor.
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
 
@@ -115,18 +124,36 @@ def _as_tuple(out: Output) -> tuple[torch.Tensor, ...]:
     return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
 
+def _probabilities(out: Output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(class probabilities [N, C], sign probabilities [N] or None) of a classifier's output: the
+    served CalibratedClassifier's pair as it is, plain logits through softmax."""
+    if isinstance(out, torch.Tensor):
+        return out.float().softmax(1), None
+    return out[0].float(), out[1].float()
+
+
 def classifier_parity(reference: list[Output], candidate: list[Output], precision: str) -> Parity:
-    """Logits: the same top-1 on every image, and softmax probabilities within PROBABILITY_TOLERANCE."""
-    ref = torch.cat([_as_tuple(o)[0].float() for o in reference]).softmax(1)
-    got = torch.cat([_as_tuple(o)[0].float() for o in candidate]).softmax(1)
-    mismatches = int((ref.argmax(1) != got.argmax(1)).sum())
-    diff = float((ref - got).abs().max()) if len(ref) else 0.0
+    """Classifier outputs (logits, or the served pair of calibrated class probabilities and sign
+    probabilities): the same top-1, and every probability within PROBABILITY_TOLERANCE, on all images
+    but OUTLIER_SHARE of them."""
+    ref_pairs, got_pairs = [_probabilities(o) for o in reference], [_probabilities(o) for o in candidate]
+    ref, got = torch.cat([p for p, _ in ref_pairs]), torch.cat([p for p, _ in got_pairs])
+    differs = ref.argmax(1) != got.argmax(1)
+    diff = (ref - got).abs().amax(1)
+    if ref_pairs and ref_pairs[0][1] is not None:
+        diff = torch.maximum(diff, (torch.cat([s for _, s in ref_pairs]) - torch.cat([s for _, s in got_pairs])).abs())
     tolerance = PROBABILITY_TOLERANCE[precision]
-    figures = {"images": len(ref), "top1_mismatches": mismatches, "max_abs_prob_diff": diff, "tolerance": tolerance}
-    if mismatches:
-        return Parity(False, figures, f"top-1 differs from torch fp32 on {mismatches} of {len(ref)} images")
-    if not diff <= tolerance:  # also catches NaN
-        return Parity(False, figures, f"a probability differs from torch fp32 by {diff:.2e} > {tolerance:.0e}")
+    outliers = differs | ~(diff <= tolerance)  # a NaN counts as beyond
+    allowed = math.ceil(OUTLIER_SHARE.get(precision, 0.0) * len(ref) - 1e-9)  # one batch of 32 may hold one
+    mismatches, worst = int(differs.sum()), float(diff.max()) if len(ref) else 0.0
+    figures = {"images": len(ref), "top1_mismatches": mismatches, "max_abs_prob_diff": worst,
+               "tolerance": tolerance, "outliers": int(outliers.sum()), "outliers_allowed": allowed}
+    if mismatches > allowed:
+        return Parity(False, figures, f"top-1 differs from torch fp32 on {mismatches} of {len(ref)} images"
+                                      + (f" (at most {allowed} allowed)" if allowed else ""))
+    if int(outliers.sum()) > allowed:
+        return Parity(False, figures, f"a probability differs from torch fp32 by {worst:.2e} > {tolerance:.0e}"
+                                      + (f" on {int(outliers.sum())} images (at most {allowed})" if allowed else ""))
     return Parity(True, figures)
 
 
@@ -193,8 +220,10 @@ def installed(backend: str) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def candidates(request: str, device: torch.device, flags: set[str], half: bool = True) -> list[Candidate]:
-    """What `select` tries for SIGNSERVE_BACKEND=`request`, reference first."""
+def candidates(request: str, device: torch.device, flags: set[str], half: bool = True,
+               int8: bool = False) -> list[Candidate]:
+    """What `select` tries for SIGNSERVE_BACKEND=`request`, reference first. `int8`: the job can
+    calibrate a quantised model and check its held-out accuracy (ONNX Runtime's static quantisation)."""
     if request not in REQUESTS:
         raise ValueError(f"unknown backend {request!r}; expected one of {REQUESTS}")
     if device.type == "cuda":
@@ -205,6 +234,8 @@ def candidates(request: str, device: torch.device, flags: set[str], half: bool =
         if request in ("auto", backend):
             # ONNX Runtime's CPU provider has no bf16 switch for an fp32 graph
             precisions = ["fp32", "bf16"] if bf16 and backend != "onnxruntime" else ["fp32"]
+            if int8 and backend == "onnxruntime":
+                precisions.append("int8")
             found += [Candidate(backend, p) for p in precisions if Candidate(backend, p) != TORCH_FP32]
     return found
 
@@ -357,14 +388,21 @@ class Job:
     parity: ParityRule = classifier_parity
     metadata: dict[str, str] = field(default_factory=dict)  # written into the exported files
     accuracy: Callable[[Forward], float] | None = None  # held-out accuracy of the chosen forward, recorded
+    # real training inputs (normalised) that set a quantised model's activation ranges; none: no int8
+    calibration_batches: list[torch.Tensor] = field(default_factory=list)
     measure_seconds: float = 1.5
     name: str = "model"
+
+    @property
+    def int8(self) -> bool:
+        """Whether an int8 candidate can be made (calibration inputs) and held to the accuracy rule."""
+        return bool(self.calibration_batches) and self.accuracy is not None
 
 
 def _context(job: Job, request: str, device: torch.device, threads: int, flags: set[str]) -> dict:
     """What a cached choice depends on: a different CPU, thread count, runtime or request chooses again."""
     return {"record_version": RECORD_VERSION, "request": request, "device": str(device), "threads": threads,
-            "cpu": cpu_name(), "bf16": native_bf16(flags), "spec": job.spec.to_dict(),
+            "cpu": cpu_name(), "bf16": native_bf16(flags), "int8": job.int8, "spec": job.spec.to_dict(),
             "measure_shape": list(job.measure_batch.shape),
             "versions": {b: installed(b) for b in BACKENDS}}
 
@@ -384,6 +422,10 @@ def export_candidate(candidate: Candidate, module: nn.Module, job: Job) -> str:
         path = folder / "model.onnx"
         if not path.is_file():
             export_onnx(module, job.spec, path, job.metadata)
+        if candidate.precision == "int8":
+            source, path = path, folder / "model-int8.onnx"
+            if not path.is_file():
+                quantize_onnx(source, path, job.calibration_batches, job.metadata)
     else:
         path = folder / "openvino" / "model.xml"
         if not path.is_file() or not path.with_suffix(".bin").is_file():
@@ -455,9 +497,25 @@ def _load_cached(path: Path, module: nn.Module, job: Job, device: torch.device,
     return forward, record
 
 
+def _fastest(passing: dict[str, tuple[Candidate, Forward, str | None]], rates: dict[str, float], request: str,
+             record: BackendRecord) -> str:
+    """The label to serve among the passing candidates: for `auto` the fastest, if it beats torch fp32
+    by MIN_SPEEDUP; for an explicit runtime its fastest passing variant, however fast; else torch fp32."""
+    torch_rate = rates[TORCH_FP32.label]
+    if request in ("auto", "torch"):
+        best = max(passing, key=rates.get)
+        if best != TORCH_FP32.label and rates[best] < MIN_SPEEDUP * torch_rate:
+            record.rejected[best] = (f"less than {MIN_SPEEDUP}x torch fp32 ({rates[best]:.3g} against "
+                                     f"{torch_rate:.3g} images/s)")
+            best = TORCH_FP32.label
+        return best
+    asked = [label for label, (c, _, _) in passing.items() if c.backend == request]
+    return max(asked, key=rates.get) if asked else TORCH_FP32.label
+
+
 def _select_now(module: nn.Module, job: Job, request: str, device: torch.device, threads: int, half: bool,
                 flags: set[str]) -> tuple[Forward, BackendRecord]:
-    tried = candidates(request, device, flags, half)
+    tried = candidates(request, device, flags, half, int8=job.int8)
     if device.type == "cuda":
         reason = "CUDA: torch" + (" fp16" if half else "") + " (TensorRT is not wired in)"
         return torch_forward(module, device, tried[0].precision), BackendRecord("torch", tried[0].precision,
@@ -469,6 +527,8 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
         return torch_forward(module, device), record
     if not native_bf16(flags):
         record.rejected["*-bf16"] = "not tried: the CPU reports no native bf16 (avx512_bf16 / amx_bf16)"
+    if not job.int8 and request in ("auto", "onnxruntime"):
+        record.rejected["onnxruntime-int8"] = "not tried: no calibration images and held-out accuracy to hold it to"
     reference = _run_all(torch_forward(module, device), job.parity_batches, threads)
     passing: dict[str, tuple[Candidate, Forward, str | None]] = {}
     for candidate in tried:
@@ -490,21 +550,27 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
         {label: forward for label, (_, forward, _) in passing.items()}, job.measure_batch, job.measure_seconds,
         threads).items()}
     rates = record.images_per_s
-    torch_rate = rates[TORCH_FP32.label]
-    if request in ("auto", "torch"):
-        best = max(rates, key=rates.get)
-        if best != TORCH_FP32.label and rates[best] < MIN_SPEEDUP * torch_rate:
-            record.rejected[best] = (f"less than {MIN_SPEEDUP}x torch fp32 ({rates[best]:.3g} against "
-                                     f"{torch_rate:.3g} images/s)")
-            best = TORCH_FP32.label
-    else:  # an explicit runtime: served whenever it passes, however fast
-        asked = [label for label, (c, _, _) in passing.items() if c.backend == request]
-        best = max(asked, key=rates.get) if asked else TORCH_FP32.label
+    while True:
+        best = _fastest(passing, rates, request, record)
+        candidate, forward, artifact = passing[best]
+        if candidate.precision != "int8":
+            break
+        # int8 may move a few borderline images: it is served only if the whole test split says so
+        with _Threads(threads):
+            if TORCH_FP32.label not in record.test_accuracy:
+                record.test_accuracy[TORCH_FP32.label] = job.accuracy(passing[TORCH_FP32.label][1])
+            accuracy = record.test_accuracy[best] = job.accuracy(forward)
+        reference = record.test_accuracy[TORCH_FP32.label]
+        if accuracy >= reference - MAX_ACCURACY_DROP:
+            break
+        record.rejected[best] = (f"test accuracy {accuracy:.4f}, more than {MAX_ACCURACY_DROP} under torch fp32's "
+                                 f"{reference:.4f}")
+        del passing[best]
     for label in passing:
         if label != best and label not in record.rejected:
             record.rejected[label] = f"slower ({rates[label]:.3g} images/s against {rates[best]:.3g})"
-    candidate, forward, artifact = passing[best]
     record.backend, record.precision, record.artifact = candidate.backend, candidate.precision, artifact
+    torch_rate = rates[TORCH_FP32.label]
     if best != TORCH_FP32.label:
         record.reason = (f"{'fastest' if request == 'auto' else 'requested, and'} passing parity: "
                          f"{rates[best]:.3g} images/s, {rates[best] / torch_rate:.2f}x torch fp32 in the same run")
@@ -514,7 +580,7 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
         why = "; ".join(f"{k}: {v}" for k, v in record.rejected.items() if k.startswith(request)) or "not tried"
         record.reason = f"{request} rejected ({why}): torch fp32 instead"
         log.warning("%s: %s", job.name, record.reason)
-    if job.accuracy is not None:
+    if job.accuracy is not None and best not in record.test_accuracy:
         with _Threads(threads):
             record.test_accuracy[best] = job.accuracy(forward)
     return forward, record

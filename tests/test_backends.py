@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 
 from app.engine import Predictor, classifier_job
-from models.backends import (BACKENDS, TORCH_FP32, BackendRecord, Job, installed, load_forward, output_parity,
-                             select, torch_forward)
+from models.backends import (BACKENDS, PROBABILITY_TOLERANCE, TORCH_FP32, BackendRecord, Job, installed,
+                             load_forward, output_parity, select, torch_forward)
 from models.calibration import CalibratedClassifier
 from models.checkpoint import load_checkpoint
 from models.export import InputSpec, read_metadata
@@ -28,12 +28,15 @@ RUNTIMES = [b for b in BACKENDS if b != "torch" and installed(b)]
 GTSDB_IMAGES = Path(default_data_root()) / "gtsdb" / "images"  # beside gtsrb/
 
 
-def job_for(name: str, checkpoint_snapshot, tmp_path, parity_images: int, accuracy: bool = False) -> tuple:
+def job_for(name: str, checkpoint_snapshot, tmp_path, parity_images: int, accuracy: bool = False,
+            int8: bool = False) -> tuple:
     loaded = load_checkpoint(checkpoint_snapshot / f"{name}.pt", name=name)
     job = classifier_job(loaded, tmp_path / "cache", batch_size=32, parity_images=parity_images)
     job.measure_seconds = 0.3
     if not accuracy:
         job.accuracy = None
+    if not int8:  # the fp32 runtimes alone (an explicit runtime serves its fastest passing variant)
+        job.calibration_batches = []
     return loaded, job
 
 
@@ -301,7 +304,8 @@ def test_the_service_serves_the_chosen_backend_and_shows_it(checkpoint_snapshot,
     want = Predictor(loaded, backend=None, threads=1)(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
     got = {p["class_id"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
     assert max(got, key=got.get) == int(want.argmax())
-    assert max(abs(got[i] - float(want[i])) for i in got) <= 1e-4
+    # within the parity rule of what was chosen (int8 where it passed, else an fp32 runtime)
+    assert max(abs(got[i] - float(want[i])) for i in got) <= PROBABILITY_TOLERANCE[backend["precision"]]
 
 
 
@@ -360,7 +364,7 @@ def test_reduced_precision_is_tried_only_where_the_cpu_has_it():
 
 def test_torch_bf16_is_judged_by_the_bf16_tolerance(checkpoint_snapshot, gtsrb_test_samples):
     """bf16 autocast (emulated on a CPU without it, so only the rule is checked here, not the speed)."""
-    from models.backends import PROBABILITY_TOLERANCE, classifier_parity
+    from models.backends import classifier_parity
 
     loaded = load_checkpoint(checkpoint_snapshot / "cnn.pt")
     batch = normalize(real_batch(loaded, 64), loaded.preprocessing)
@@ -371,3 +375,44 @@ def test_torch_bf16_is_judged_by_the_bf16_tolerance(checkpoint_snapshot, gtsrb_t
     assert PROBABILITY_TOLERANCE["fp32"] < diff  # bf16 really ran: it moves probabilities beyond fp32's bound
     assert not strict.ok and lenient.ok == (diff <= PROBABILITY_TOLERANCE["bf16"] and
                                             lenient.figures["top1_mismatches"] == 0)
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNTIMES, reason="onnxruntime not installed")
+def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkpoint_snapshot, tmp_path):
+    from models.backends import MAX_ACCURACY_DROP
+
+    loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=500, accuracy=True, int8=True)
+    assert sum(len(b) for b in job.calibration_batches) == 512 and job.int8
+    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="onnxruntime",
+                             threads=1)
+    figures = record.parity["onnxruntime-int8"]
+    assert figures["images"] == 500 and figures["outliers"] <= figures["outliers_allowed"] == 2, figures
+    assert record.label == "onnxruntime-int8", record  # the faster of the runtime's two variants here
+    accuracy, reference = record.test_accuracy["onnxruntime-int8"], record.test_accuracy["torch-fp32"]
+    assert reference == pytest.approx(loaded.test_accuracy, abs=1e-6)  # torch fp32 on the whole split
+    assert reference - MAX_ACCURACY_DROP <= accuracy <= 1, record.test_accuracy
+    assert read_metadata(record.artifact)["precision"].startswith("int8")
+    # the service's handler on other real images: the same top-1 on nearly all
+    predictor, reference_predictor = Predictor(loaded, backend=record, threads=1), Predictor(loaded, threads=1)
+    images = real_batch(loaded, 200)
+    agree = (predictor(images).argmax(1) == reference_predictor(images).argmax(1)).float().mean()
+    assert agree >= 0.99
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNTIMES, reason="onnxruntime not installed")
+def test_int8_calibrated_on_blank_images_is_not_served(checkpoint_snapshot, tmp_path):
+    loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=128, accuracy=True, int8=True)
+    job.calibration_batches = [torch.zeros_like(b) for b in job.calibration_batches]  # no range to learn
+    _, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="onnxruntime",
+                       threads=1)
+    assert record.rejected["onnxruntime-int8"].startswith("parity:"), record.rejected
+    assert record.label == "onnxruntime-fp32"
+
+
+def test_without_calibration_images_int8_is_not_tried():
+    from models.backends import candidates
+
+    cpu = torch.device("cpu")
+    assert "onnxruntime-int8" not in [c.label for c in candidates("auto", cpu, set())]
+    assert [c.label for c in candidates("onnxruntime", cpu, set(), int8=True)] == ["torch-fp32", "onnxruntime-fp32",
+                                                                                   "onnxruntime-int8"]

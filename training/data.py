@@ -80,6 +80,15 @@ def _cache_key(samples: list[tuple[str, int]], pre: Preprocessing) -> str:
     return h.hexdigest()[:16]
 
 
+def load_spread(root: str, split: str, pre: Preprocessing, n: int) -> TensorSplit:
+    """n samples spread evenly over the split's listing (the training split is listed class by class,
+    so every class is in it), decoded here: for a few hundred images, cheaper than the whole split."""
+    samples = list_samples(root, split)
+    picked = samples[::max(1, len(samples) // n)][:n]
+    images = torch.from_numpy(np.stack([_decode((path, pre)) for path, _ in picked]))
+    return TensorSplit(images, torch.tensor([c for _, c in picked], dtype=torch.int64))
+
+
 def load_split(root: str, split: str, pre: Preprocessing, cache_dir: Path | None = DEFAULT_CACHE_DIR,
                workers: int | None = None) -> TensorSplit:
     """Decode a whole split with the shared preprocessing; reuse the on-disk cache when it matches."""
