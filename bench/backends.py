@@ -22,6 +22,7 @@ from app.settings import Settings
 from models.backends import (BackendRecord, Candidate, build_forward, candidates, cpu_flags, export_candidate,
                              images_per_second)
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
+from models.calibration import CalibratedClassifier
 
 
 def service_backend(loaded: LoadedModel, settings: Settings, threads: int) -> BackendRecord:
@@ -37,13 +38,13 @@ def backend_rates(loaded: LoadedModel, settings: Settings, threads: int, seconds
     to export or load is reported as 0."""
     job = classifier_job(loaded, settings.backend_cache_dir, settings.max_batch_size,
                          parity_images=settings.max_batch_size)
+    module = CalibratedClassifier(loaded.model, loaded.calibration)  # what the service runs and exports
     forwards = {}
     rates: dict[str, float] = {}
-    for candidate in candidates("auto", loaded.device, cpu_flags(), settings.half):
+    for candidate in candidates("auto", loaded.device, cpu_flags(), settings.half, int8=job.int8):
         try:
-            artifact = None if candidate.backend == "torch" else export_candidate(candidate, loaded.model, job)
-            forwards[candidate.label] = build_forward(_record(candidate, artifact), loaded.model, loaded.device,
-                                                      threads)
+            artifact = None if candidate.backend == "torch" else export_candidate(candidate, module, job)
+            forwards[candidate.label] = build_forward(_record(candidate, artifact), module, loaded.device, threads)
         except Exception as exc:
             print(f"  {loaded.name}: {candidate.label} unavailable: {type(exc).__name__}: {exc}", flush=True)
             rates[candidate.label] = 0.0
@@ -69,6 +70,8 @@ def main() -> None:
         if args.models and path.stem not in args.models:
             continue
         loaded = load_checkpoint(path, device=select_device(settings.device), name=path.stem)
+        if loaded.architecture == "detector":
+            continue  # whole frames: python -m bench.detect
         chosen = service_backend(loaded, settings, threads)
         rates = backend_rates(loaded, settings, threads, args.seconds)
         report[path.stem] = {"served": chosen.label, "reason": chosen.reason, "images_per_s": rates,
