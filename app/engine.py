@@ -10,7 +10,7 @@ import torch
 from models.backends import BackendRecord, Forward, Job, load_forward, output_parity, select
 from models.calibration import CalibratedClassifier
 from models.checkpoint import LoadedModel
-from models.export import InputSpec, checkpoint_metadata
+from models.export import CALIBRATION_IMAGES, InputSpec, checkpoint_metadata
 from models.detector import detect, frame_batch
 from models.preprocessing import normalize
 
@@ -99,10 +99,6 @@ class Predictor:
             size = min(size * 2, max_batch_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-# Training images that set an int8 model's activation ranges (spread over all 43 classes)
-CALIBRATION_IMAGES = 512
 
 
 def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity_images: int) -> Job:

@@ -22,6 +22,9 @@ from torch import nn
 
 METADATA_SECTION = "signserve"  # OpenVINO rt_info section that holds the metadata
 ONNX_OPSET = 17
+# Training images that set an int8 model's activation ranges (spread over all 43 classes): with 256 the
+# cnn's int8 lost 0.1 point of test accuracy, with 512 0.025
+CALIBRATION_IMAGES = 512
 
 
 @dataclass(frozen=True)

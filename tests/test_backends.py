@@ -416,3 +416,28 @@ def test_without_calibration_images_int8_is_not_tried():
     assert "onnxruntime-int8" not in [c.label for c in candidates("auto", cpu, set())]
     assert [c.label for c in candidates("onnxruntime", cpu, set(), int8=True)] == ["torch-fp32", "onnxruntime-fp32",
                                                                                    "onnxruntime-int8"]
+
+
+@pytest.mark.skipif(not {"onnxruntime", "openvino"} <= set(RUNTIMES), reason="needs both runtimes")
+def test_the_export_command_writes_each_format_with_its_metadata(checkpoint_snapshot, tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    loaded = load_checkpoint(checkpoint_snapshot / "cnn.pt")
+    results = {}
+    for fmt in ("onnx", "openvino", "onnx-int8"):
+        run = subprocess.run([sys.executable, "-m", "training.export", "--checkpoint", str(checkpoint_snapshot / "cnn.pt"),
+                              "--format", fmt, "--out", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[fmt] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [Path(r["path"]).name for r in results.values()] == ["cnn.onnx", "cnn.xml", "cnn-int8.onnx"]
+    assert results["onnx"]["max_abs_logit_diff"] < 1e-3 and results["openvino"]["max_abs_logit_diff"] < 1e-3
+    int8 = results["onnx-int8"]
+    assert int8["torch_test_accuracy"] == pytest.approx(loaded.test_accuracy, abs=1e-6)
+    assert int8["test_accuracy"] >= int8["torch_test_accuracy"] - 0.001, int8
+    for result in results.values():
+        metadata = read_metadata(result["path"])
+        assert json.loads(metadata["preprocessing"]) == loaded.preprocessing.to_dict()
+        assert json.loads(metadata["class_names"]) == loaded.class_names
+    assert read_metadata(int8["path"])["precision"].startswith("int8")

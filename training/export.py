@@ -1,13 +1,17 @@
-"""Export a checkpoint for deployment elsewhere: ONNX, or OpenVINO IR (.xml + .bin).
+"""Export a checkpoint for deployment elsewhere: ONNX, ONNX int8, or OpenVINO IR (.xml + .bin).
 
     python -m training.export --checkpoint models/checkpoints/cnn.pt --format onnx
+    python -m training.export --checkpoint models/checkpoints/cnn.pt --format onnx-int8   # cnn-int8.onnx
     python -m training.export --checkpoint models/checkpoints/resnet18.pt --format openvino --out exports/
 
 The graph takes the normalised float32 batch [N, 3, S, S] (N dynamic) and returns the logits [N, 43].
 The file's metadata holds what turns an image into that input and the logits into a sign: the
 checkpoint's `preprocessing` (input size, interpolation, mean and std, as JSON), `class_names`,
 `architecture` and `checkpoint_sha256` (ONNX: metadata_props; OpenVINO: rt_info under `signserve`).
-The last stdout line is JSON: {"path": str, "format": str, "max_abs_logit_diff": float}.
+The last stdout line is JSON: {"path": str, "format": str, "max_abs_logit_diff": float}. For
+`onnx-int8` (ONNX Runtime's static quantisation, calibrated on GTSRB training images from
+`--data-root`) a random batch says little: the JSON gives the test-split accuracy of the int8 file
+and of torch fp32 instead ("test_accuracy", "torch_test_accuracy").
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 from models.backends import BackendRecord, build_forward
 from models.checkpoint import load_checkpoint
 from models.export import InputSpec, checkpoint_metadata, export_onnx, export_openvino
+from models.paths import default_data_root
 
-FORMATS = {"onnx": ("onnxruntime", ".onnx"), "openvino": ("openvino", ".xml")}
+FORMATS = {"onnx": ("onnxruntime", ".onnx"), "onnx-int8": ("onnxruntime", "-int8.onnx"), "openvino": ("openvino", ".xml")}
 
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None = None) -> tuple[Path, float]:
@@ -43,13 +48,53 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     return path, diff
 
 
+def export_int8(checkpoint: str | Path, data_root: str, out: str | Path | None = None) -> tuple[Path, float, float]:
+    """The fp32 ONNX export quantised to int8 (calibrated as the service calibrates its int8 candidate),
+    and the test-split accuracy of the int8 file and of torch fp32."""
+    import tempfile
+
+    from models.export import CALIBRATION_IMAGES, quantize_onnx
+    from models.preprocessing import normalize
+    from training.data import load_split, load_spread
+
+    loaded = load_checkpoint(checkpoint)
+    pre = loaded.preprocessing
+    out = Path(out) if out else Path(checkpoint).parent
+    path = out / f"{Path(checkpoint).stem}-int8.onnx" if not out.name.endswith(".onnx") else out
+    train = load_spread(data_root, "train", pre, CALIBRATION_IMAGES).images
+    with tempfile.TemporaryDirectory() as tmp:
+        source = export_onnx(loaded.model, InputSpec((8, 3, pre.input_size, pre.input_size)), Path(tmp) / "fp32.onnx",
+                             checkpoint_metadata(loaded))
+        quantize_onnx(source, path, [normalize(train[i:i + 64], pre) for i in range(0, len(train), 64)],
+                      checkpoint_metadata(loaded))
+    test = load_split(data_root, "test", pre)
+    forwards = {"int8": build_forward(BackendRecord("onnxruntime", "int8", str(path)), loaded.model,
+                                      torch.device("cpu"), torch.get_num_threads()),
+                "torch": loaded.model.eval()}
+    accuracy = {}
+    with torch.inference_mode():
+        for name, forward in forwards.items():
+            right = sum(int((forward(normalize(test.images[i:i + 256], pre)).argmax(1) == test.labels[i:i + 256]).sum())
+                        for i in range(0, len(test), 256))
+            accuracy[name] = right / len(test)
+    return path, accuracy["int8"], accuracy["torch"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--out", help=f"a folder, or the file ({', '.join(s for _, s in FORMATS.values())}); "
                                       "default: beside the checkpoint")
+    parser.add_argument("--data-root", default=default_data_root(),
+                        help="folder holding gtsrb/ (env GTSRB_ROOT): onnx-int8 calibrates and is evaluated on it")
     args = parser.parse_args()
+    if args.format == "onnx-int8":
+        path, accuracy, reference = export_int8(args.checkpoint, args.data_root, args.out)
+        print(f"wrote {path} (int8); test accuracy {accuracy:.4f}, torch fp32 {reference:.4f}")
+        print(json.dumps({"path": str(path), "format": args.format, "test_accuracy": accuracy,
+                          "torch_test_accuracy": reference}))
+        return
     path, diff = export_checkpoint(args.checkpoint, args.format, args.out)
     print(f"wrote {path} ({args.format}); largest logit difference from torch fp32 on a random batch: {diff:.2e}")
     print(json.dumps({"path": str(path), "format": args.format, "max_abs_logit_diff": diff}))
