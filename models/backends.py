@@ -2,7 +2,9 @@
 
 Candidates on the CPU: torch fp32 (channels_last; the reference), ONNX Runtime fp32, OpenVINO fp32,
 and in bf16 torch autocast and OpenVINO only where the CPU reports native bf16 (avx512_bf16 or AMX):
-emulated bf16 is slower than fp32 and changes the answers for nothing. On CUDA: torch, fp16 when asked.
+emulated bf16 is slower than fp32 and changes the answers for nothing. ONNX Runtime int8 where the
+job brings calibration images and a test split (the classifiers): it must also keep torch fp32's
+held-out accuracy within MAX_ACCURACY_DROP. On CUDA: torch, fp16 when asked.
 
 `select` exports the module once per (checkpoint sha256, input spec) into a cache directory, runs
 every candidate on real inputs, rejects those whose outputs differ from torch fp32 beyond the
