@@ -109,31 +109,24 @@ def classifier_job(loaded: LoadedModel, cache_dir: Path, batch_size: int, parity
     has no images, and `select` keeps torch."""
     pre = loaded.preprocessing
     spec = InputSpec((batch_size, 3, pre.input_size, pre.input_size))
-    calibration: list[torch.Tensor] = []
     try:
-        from training.data import default_data_root, load_split, load_spread
+        from training.data import calibration_batches, default_data_root, load_split
+        from training.evaluate import forward_accuracy
 
         split = load_split(default_data_root(), "test", pre)
-        train = load_spread(default_data_root(), "train", pre, CALIBRATION_IMAGES).images
-        calibration = [normalize(train[i:i + 64], pre) for i in range(0, len(train), 64)]
     except (FileNotFoundError, ImportError) as exc:
         log.warning("%s: no real images to check a backend on (%s)", loaded.name, exc)
         split = None
     sample = split.subset(parity_images).images if split is not None else torch.zeros(0, 3, 1, 1)
     batches = [normalize(sample[i:i + batch_size], pre) for i in range(0, len(sample), batch_size)]
 
-    def accuracy(forward: Forward) -> float:
-        correct = 0
-        with torch.inference_mode():
-            for i in range(0, len(split), 256):
-                out = forward(normalize(split.images[i:i + 256], pre))
-                scores = out[0] if isinstance(out, tuple) else out  # CalibratedClassifier: probabilities first
-                correct += int((scores.argmax(1) == split.labels[i:i + 256]).sum())
-        return round(correct / len(split), 6)
-
     measure = batches[0] if batches else normalize(torch.zeros(spec.shape, dtype=torch.uint8), pre)
-    return Job(loaded.sha256, spec, batches, measure, Path(cache_dir), metadata=checkpoint_metadata(loaded),
-               accuracy=accuracy if split is not None else None, calibration_batches=calibration, name=loaded.name)
+    job = Job(loaded.sha256, spec, batches, measure, Path(cache_dir), metadata=checkpoint_metadata(loaded),
+              name=loaded.name)
+    if split is not None:
+        job.accuracy = lambda forward: round(forward_accuracy(forward, split, pre), 6)
+        job.calibration = lambda: calibration_batches(default_data_root(), pre, CALIBRATION_IMAGES)
+    return job
 
 
 def detector_job(loaded: LoadedModel, cache_dir: Path, parity_frames: int = 2) -> Job:

@@ -390,15 +390,16 @@ class Job:
     parity: ParityRule = classifier_parity
     metadata: dict[str, str] = field(default_factory=dict)  # written into the exported files
     accuracy: Callable[[Forward], float] | None = None  # held-out accuracy of the chosen forward, recorded
-    # real training inputs (normalised) that set a quantised model's activation ranges; none: no int8
-    calibration_batches: list[torch.Tensor] = field(default_factory=list)
+    # real training inputs (normalised batches) that set a quantised model's activation ranges, made
+    # only when an int8 file has to be written; None: no int8 candidate
+    calibration: Callable[[], list[torch.Tensor]] | None = None
     measure_seconds: float = 1.5
     name: str = "model"
 
     @property
     def int8(self) -> bool:
         """Whether an int8 candidate can be made (calibration inputs) and held to the accuracy rule."""
-        return bool(self.calibration_batches) and self.accuracy is not None
+        return self.calibration is not None and self.accuracy is not None
 
 
 def _context(job: Job, request: str, device: torch.device, threads: int, flags: set[str]) -> dict:
@@ -427,7 +428,7 @@ def export_candidate(candidate: Candidate, module: nn.Module, job: Job) -> str:
         if candidate.precision == "int8":
             source, path = path, folder / "model-int8.onnx"
             if not path.is_file():
-                quantize_onnx(source, path, job.calibration_batches, job.metadata)
+                quantize_onnx(source, path, job.calibration(), job.metadata)
     else:
         path = folder / "openvino" / "model.xml"
         if not path.is_file() or not path.with_suffix(".bin").is_file():

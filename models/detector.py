@@ -184,7 +184,8 @@ def detect(forward, images: torch.Tensor, pre, *, min_score: float, max_detectio
     """uint8 frames [N, 3, H, W] (already resized by `pre`) -> detections in those frames' pixels.
 
     `forward` is the SignDetector itself (run NHWC on its own device and dtype), or any forward that
-    takes `frame_batch`'s float32 input and returns the three maps (models.backends)."""
+    takes `frame_batch`'s float32 input and returns the three maps (models.backends). With `flip_test`
+    the frames and their mirror images go through it as one batch of 2N (merge_flipped)."""
     x = frame_batch(images, pre)
     if flip_test:
         x = torch.cat([x, x.flip(-1)])

@@ -127,7 +127,7 @@ def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, calibratio
     """ONNX Runtime's static int8 quantisation of an exported fp32 graph: weights int8 per output
     channel, activations uint8 with ranges from `calibration_batches` (real inputs, normalised), as
     QuantizeLinear/DequantizeLinear pairs around each convolution and matrix product. `reduce_range`
-    keeps 7-bit weights, which the AVX2 int8 kernels of CPUs without VNNI need to stay exact."""
+    keeps 7-bit weights, so the u8 x s8 multiply-adds of AVX2 CPUs without VNNI do not saturate."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process

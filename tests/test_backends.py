@@ -36,7 +36,7 @@ def job_for(name: str, checkpoint_snapshot, tmp_path, parity_images: int, accura
     if not accuracy:
         job.accuracy = None
     if not int8:  # the fp32 runtimes alone (an explicit runtime serves its fastest passing variant)
-        job.calibration_batches = []
+        job.calibration = None
     return loaded, job
 
 
@@ -382,7 +382,7 @@ def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkp
     from models.backends import MAX_ACCURACY_DROP
 
     loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=500, accuracy=True, int8=True)
-    assert sum(len(b) for b in job.calibration_batches) == 512 and job.int8
+    assert sum(len(b) for b in job.calibration()) == 512 and job.int8
     forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="onnxruntime",
                              threads=1)
     figures = record.parity["onnxruntime-int8"]
@@ -402,7 +402,8 @@ def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkp
 @pytest.mark.skipif("onnxruntime" not in RUNTIMES, reason="onnxruntime not installed")
 def test_int8_calibrated_on_blank_images_is_not_served(checkpoint_snapshot, tmp_path):
     loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=128, accuracy=True, int8=True)
-    job.calibration_batches = [torch.zeros_like(b) for b in job.calibration_batches]  # no range to learn
+    real = job.calibration()
+    job.calibration = lambda: [torch.zeros_like(b) for b in real]  # no range to learn
     _, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="onnxruntime",
                        threads=1)
     assert record.rejected["onnxruntime-int8"].startswith("parity:"), record.rejected

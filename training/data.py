@@ -21,7 +21,7 @@ from PIL import Image
 from models.checkpoint import atomic_save, safe_load
 from models.input_sizes import DEFAULT_INPUT_SIZE
 from models.paths import PROJECT_ROOT, default_data_root
-from models.preprocessing import Preprocessing, image_to_uint8
+from models.preprocessing import Preprocessing, image_to_uint8, normalize
 
 DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "gtsrb"
 
@@ -87,6 +87,13 @@ def load_spread(root: str, split: str, pre: Preprocessing, n: int) -> TensorSpli
     picked = samples[::max(1, len(samples) // n)][:n]
     images = torch.from_numpy(np.stack([_decode((path, pre)) for path, _ in picked]))
     return TensorSplit(images, torch.tensor([c for _, c in picked], dtype=torch.int64))
+
+
+def calibration_batches(root: str, pre: Preprocessing, n: int, batch_size: int = 64) -> list[torch.Tensor]:
+    """n training images spread over all classes, normalised, in batches: what sets an int8 model's
+    activation ranges (models.export.quantize_onnx)."""
+    images = load_spread(root, "train", pre, n).images
+    return [normalize(images[i:i + batch_size], pre) for i in range(0, len(images), batch_size)]
 
 
 def load_split(root: str, split: str, pre: Preprocessing, cache_dir: Path | None = DEFAULT_CACHE_DIR,

@@ -27,7 +27,7 @@ from models.checkpoint import load_checkpoint
 from models.export import InputSpec, checkpoint_metadata, export_onnx, export_openvino
 from models.paths import default_data_root
 
-FORMATS = {"onnx": ("onnxruntime", ".onnx"), "onnx-int8": ("onnxruntime", "-int8.onnx"), "openvino": ("openvino", ".xml")}
+FORMATS = {"onnx": ("onnxruntime", ".onnx"), "openvino": ("openvino", ".xml")}  # fp32; onnx-int8: export_int8
 
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None = None) -> tuple[Path, float]:
@@ -54,37 +54,29 @@ def export_int8(checkpoint: str | Path, data_root: str, out: str | Path | None =
     import tempfile
 
     from models.export import CALIBRATION_IMAGES, quantize_onnx
-    from models.preprocessing import normalize
-    from training.data import load_split, load_spread
+    from training.data import calibration_batches, load_split
+    from training.evaluate import forward_accuracy
 
     loaded = load_checkpoint(checkpoint)
     pre = loaded.preprocessing
     out = Path(out) if out else Path(checkpoint).parent
     path = out / f"{Path(checkpoint).stem}-int8.onnx" if not out.name.endswith(".onnx") else out
-    train = load_spread(data_root, "train", pre, CALIBRATION_IMAGES).images
     with tempfile.TemporaryDirectory() as tmp:
         source = export_onnx(loaded.model, InputSpec((8, 3, pre.input_size, pre.input_size)), Path(tmp) / "fp32.onnx",
                              checkpoint_metadata(loaded))
-        quantize_onnx(source, path, [normalize(train[i:i + 64], pre) for i in range(0, len(train), 64)],
-                      checkpoint_metadata(loaded))
+        quantize_onnx(source, path, calibration_batches(data_root, pre, CALIBRATION_IMAGES), checkpoint_metadata(loaded))
     test = load_split(data_root, "test", pre)
-    forwards = {"int8": build_forward(BackendRecord("onnxruntime", "int8", str(path)), loaded.model,
-                                      torch.device("cpu"), torch.get_num_threads()),
-                "torch": loaded.model.eval()}
-    accuracy = {}
-    with torch.inference_mode():
-        for name, forward in forwards.items():
-            right = sum(int((forward(normalize(test.images[i:i + 256], pre)).argmax(1) == test.labels[i:i + 256]).sum())
-                        for i in range(0, len(test), 256))
-            accuracy[name] = right / len(test)
-    return path, accuracy["int8"], accuracy["torch"]
+    int8 = build_forward(BackendRecord("onnxruntime", "int8", str(path)), loaded.model, torch.device("cpu"),
+                         torch.get_num_threads())
+    return path, forward_accuracy(int8, test, pre), forward_accuracy(loaded.model.eval(), test, pre)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
-    parser.add_argument("--out", help=f"a folder, or the file ({', '.join(s for _, s in FORMATS.values())}); "
+    parser.add_argument("--format", required=True, choices=sorted([*FORMATS, "onnx-int8"]))
+    parser.add_argument("--out", help=f"a folder, or the file ({', '.join(s for _, s in FORMATS.values())}, "
+                                      "-int8.onnx); "
                                       "default: beside the checkpoint")
     parser.add_argument("--data-root", default=default_data_root(),
                         help="folder holding gtsrb/ (env GTSRB_ROOT): onnx-int8 calibrates and is evaluated on it")
