@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.export import InputSpec, export_onnx, export_openvino, quantize_onnx
+from models.export import QUANTIZATION_VERSION, InputSpec, export_onnx, export_openvino, quantize_onnx
 
 log = logging.getLogger("signserve")
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 REQUESTS = ("auto", *BACKENDS)
-RECORD_VERSION = 2  # 2: parity covers the sign probability; int8 candidates
+RECORD_VERSION = 3  # 2: parity covers the sign probability; int8 candidates. 3: int8 recipe 2
 # A runtime other than torch must beat torch fp32 by this factor to be chosen: within the noise of one
 # measurement, the reference runtime wins.
 MIN_SPEEDUP = 1.05
@@ -426,7 +426,7 @@ def export_candidate(candidate: Candidate, module: nn.Module, job: Job) -> str:
         if not path.is_file():
             export_onnx(module, job.spec, path, job.metadata)
         if candidate.precision == "int8":
-            source, path = path, folder / "model-int8.onnx"
+            source, path = path, folder / f"model-int8-v{QUANTIZATION_VERSION}.onnx"
             if not path.is_file():
                 quantize_onnx(source, path, job.calibration(), job.metadata)
     else:

@@ -25,6 +25,9 @@ ONNX_OPSET = 17
 # Training images that set an int8 model's activation ranges (spread over all 43 classes): with 256 the
 # cnn's int8 lost 0.1 point of test accuracy, with 512 0.025
 CALIBRATION_IMAGES = 512
+# Part of a cached int8 file's name, so that a changed recipe quantises again (2: fp32 after the last
+# convolution)
+QUANTIZATION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,13 @@ def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, calibratio
                   metadata: dict[str, str]) -> Path:
     """ONNX Runtime's static int8 quantisation of an exported fp32 graph: weights int8 per output
     channel, activations uint8 with ranges from `calibration_batches` (real inputs, normalised), as
-    QuantizeLinear/DequantizeLinear pairs around each convolution and matrix product. `reduce_range`
-    keeps 7-bit weights, so the u8 x s8 multiply-adds of AVX2 CPUs without VNNI do not saturate."""
+    QuantizeLinear/DequantizeLinear pairs around each convolution. `reduce_range` keeps 7-bit weights,
+    so the u8 x s8 multiply-adds of AVX2 CPUs without VNNI do not saturate.
+
+    Everything after the last convolution stays fp32: the pooled features, the class head and the
+    sign gate (a sharp linear probe on those features). With 8-bit features resnet18's sign
+    probability moved by more than 0.1 on 21 of the 4,001 test images, with fp32 ones on 3, at 94 %
+    of the speed."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -146,9 +154,12 @@ def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, calibratio
     def write(tmp: Path) -> None:
         prepared = tmp / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))  # shape inference and graph folding first
+        nodes = onnx.load(str(prepared)).graph.node  # in topological order
+        last_conv = max((i for i, node in enumerate(nodes) if node.op_type == "Conv"), default=len(nodes) - 1)
         file = tmp / path.name
         quantize_static(str(prepared), str(file), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=[node.name for node in nodes[last_conv + 1:]])
         prepared.unlink()
         model = onnx.load(str(file))
         del model.metadata_props[:]

@@ -20,7 +20,7 @@ from models.paths import default_data_root
 from training.train import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--model", "cnn", "--max-train-samples", "1000", "--max-test-samples", "500", "--data-root",
+SMALL = ["--model", "cnn", "--max-train-samples", "600", "--max-test-samples", "300", "--data-root",
          default_data_root()]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
@@ -87,9 +87,9 @@ def test_sigusr1_mid_run_exits_99_and_resume_logs_every_epoch_once(tmp_path):
 
 def test_ddp_signal_to_one_rank_stops_every_rank_at_the_same_batch(tmp_path):
     out = tmp_path / "cnn.pt"
-    # 1025 samples do not split evenly: without DistributedSampler's padding one rank would run one step
+    # 625 samples do not split evenly: without DistributedSampler's padding one rank would run one step
     # more per epoch than the other and wait forever in that step's gradient all-reduce.
-    command = [*TORCHRUN, "-m", "training.train", *SMALL, "--max-train-samples", "1025", "--epochs", "2",
+    command = [*TORCHRUN, "-m", "training.train", *SMALL, "--max-train-samples", "625", "--epochs", "2",
                "--output", str(out)]
     first = start(command, tmp_path / "first.txt")
     wait_for_line(tmp_path / "first.txt", r"^epoch 1/2 ", first)

@@ -20,7 +20,7 @@ import pytest
 from models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = "--max-train-samples 1000 --max-test-samples 500"
+SMALL = "--max-train-samples 600 --max-test-samples 300"
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) train_loss (\d+\.\d+) train_accuracy (\d+\.\d+) "
                         r"test_loss (\d+\.\d+) test_accuracy (\d+\.\d+) ", re.MULTILINE)
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
@@ -95,7 +95,7 @@ def test_make_train_submits_a_job_that_logs_every_figure_and_writes_a_loadable_c
     loaded = load_checkpoint(tmp_path / "cnn.pt")
     [metrics] = loaded.metrics
     assert (round(metrics["train_loss"], 4), round(metrics["test_accuracy"], 4)) == (train_loss, test_acc)
-    assert loaded.architecture == "cnn" and loaded.data["train_samples"] == 1000 and loaded.data["test_samples"] == 500
+    assert loaded.architecture == "cnn" and loaded.data["train_samples"] == 600 and loaded.data["test_samples"] == 300
 
 
 def preempt_and_resume(tmp_path: Path, epochs: int, **env: str) -> tuple[Path, str]:

@@ -59,7 +59,7 @@ def test_without_sbatch_make_train_trains_here(tmp_path):
         (bin_dir / tool).symlink_to(shutil.which(tool))
     env = {**os.environ, "PATH": str(bin_dir), "SIGNSERVE_CHECKPOINT_DIR": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(["make", "--no-print-directory", "train", "MODEL=cnn", "EPOCHS=1",
-                             "ARGS=--max-train-samples 1000 --max-test-samples 500"], cwd=ROOT, env=env,
+                             "ARGS=--max-train-samples 600 --max-test-samples 300"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no sbatch on the PATH; training here" in result.stdout
