@@ -129,8 +129,8 @@ def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, calibratio
                   metadata: dict[str, str]) -> Path:
     """ONNX Runtime's static int8 quantisation of an exported fp32 graph: weights int8 per output
     channel, activations uint8 with ranges from `calibration_batches` (real inputs, normalised), as
-    QuantizeLinear/DequantizeLinear pairs around each convolution. `reduce_range` keeps 7-bit weights,
-    so the u8 x s8 multiply-adds of AVX2 CPUs without VNNI do not saturate.
+    QuantizeLinear/DequantizeLinear pairs, up to the last convolution. `reduce_range` keeps 7-bit
+    weights, so the u8 x s8 multiply-adds of AVX2 CPUs without VNNI do not saturate.
 
     Everything after the last convolution stays fp32: the pooled features, the class head and the
     sign gate (a sharp linear probe on those features). With 8-bit features resnet18's sign

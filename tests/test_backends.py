@@ -392,6 +392,14 @@ def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkp
     assert reference == pytest.approx(loaded.test_accuracy, abs=1e-6)  # torch fp32 on the whole split
     assert reference - MAX_ACCURACY_DROP <= accuracy <= 1, record.test_accuracy
     assert read_metadata(record.artifact)["precision"].startswith("int8")
+    # after the last convolution all stays fp32: the class head and the sign gate read float features
+    import onnx
+
+    graph = onnx.load(record.artifact).graph
+    made_by = {output: node.op_type for node in graph.node for output in node.output}
+    products = [node for node in graph.node if node.op_type in ("Gemm", "MatMul")]
+    assert len(products) == 2 and not any(made_by.get(i) == "DequantizeLinear" for n in products for i in n.input)
+    assert any(node.op_type == "DequantizeLinear" for node in graph.node)
     # the service's handler on other real images: the same top-1 on nearly all
     predictor, reference_predictor = Predictor(loaded, backend=record, threads=1), Predictor(loaded, threads=1)
     images = real_batch(loaded, 200)
