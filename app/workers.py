@@ -96,6 +96,10 @@ class WorkerDied(RuntimeError):
     """The batch's worker died and the batch could not be retried: the client may retry (503)."""
 
 
+class PoolClosed(RuntimeError):
+    """The pool was closed while a worker was starting; the worker has been killed."""
+
+
 class WorkerHung(RuntimeError):
     """The batch's worker did not answer in time; it has been killed and is being replaced (504)."""
 
@@ -167,8 +171,12 @@ class WorkerPool:
         child.close()
         return _Worker(process, parent)
 
-    @staticmethod
-    def _await_ready(worker: _Worker) -> None:
+    def _await_ready(self, worker: _Worker) -> None:
+        # polled, not a blocking recv: a pool closing while a replacement loads (seconds) must not
+        # wait for that load before it can stop
+        while not worker.conn.poll(0.1):
+            if self._closed:
+                raise PoolClosed("the pool closed while a forward worker was loading")
         try:
             status, detail = worker.conn.recv()
         except EOFError:
@@ -290,6 +298,8 @@ class WorkerPool:
         while not self._closed:
             try:
                 worker = await asyncio.to_thread(self._start_one)
+            except PoolClosed:
+                return
             except Exception as exc:  # keep trying: a transient failure must not shrink the pool for good
                 log.error("a replacement forward worker failed to start: %s; retrying in %.0f s", exc, delay)
                 await asyncio.sleep(delay)

@@ -87,3 +87,38 @@ def test_a_killed_worker_is_replaced(process_server, sign_png):
         assert client.get("/readyz").status_code == 200
     assert process_server.process.poll() is None
     assert "died" in process_server.log()
+
+
+
+def test_closing_while_a_replacement_loads_does_not_wait_for_it(checkpoint_snapshot):
+    """A worker dies and its replacement starts loading (seconds: a new interpreter, torch, the
+    models); closing the pool then must not wait for that load, and kills the replacement."""
+    import multiprocessing
+
+    from app.workers import WorkerDied, WorkerPool
+
+    config = WorkerPool.config_for({"cnn": checkpoint_snapshot / "cnn.pt"}, torch.device("cpu"), half=False,
+                                   channels_last=True, threads=1, warmup_batch_size=None)
+    pool = WorkerPool(config, processes=1)
+    started = time.monotonic()
+    pool.start()
+    load_s = time.monotonic() - started  # what a replacement's start takes too
+    batch = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    async def kill_then_close() -> float:
+        await pool.forward("cnn")(batch)
+        os.kill(pool._all[0].process.pid, signal.SIGKILL)
+        with pytest.raises(WorkerDied):
+            await pool.forward("cnn")(batch)  # the death is noticed, the replacement is started
+        await asyncio.sleep(0.5)  # and is loading now
+        closing = time.monotonic()
+        await pool.close()
+        return closing
+
+    closing = asyncio.run(kill_then_close())  # asyncio.run also waits for the loading thread
+    closed_in = time.monotonic() - closing
+    assert closed_in < load_s / 2, (closed_in, load_s)
+    deadline = time.monotonic() + 5
+    while any(p.name == "signserve-forward" for p in multiprocessing.active_children()):
+        assert time.monotonic() < deadline, "the replacement outlived the pool"
+        time.sleep(0.1)
