@@ -149,6 +149,17 @@ pip_config_build_args() {  # the host's pip index, find-links and CA bundle sett
   done
 }
 
+warn_if_short_of_disk() {  # a first build peaks far above the image's size (the torch layer is copied on commit)
+  local root free_gb
+  if [ "$ENGINE" = podman ]; then root=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null) || return 0
+  else root=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null) || return 0; fi
+  [ -d "$root" ] || return 0
+  free_gb=$(df -P -B1G "$root" | awk 'NR == 2 { print $4 }')
+  if ! engine image inspect "$IMAGE" >/dev/null 2>&1 && [ "${free_gb:-0}" -lt 20 ]; then
+    log "warning: ${free_gb} GB free under $root; a first build needs about 20 GB (docs/docker.md)"
+  fi
+}
+
 build_image() {
   local base=${BASE_IMAGE:-} torch_index
   if [ -z "$base" ]; then
@@ -166,6 +177,7 @@ build_image() {
     # docker format keeps the Dockerfile's HEALTHCHECK (OCI images have no field for it)
     args+=(--format docker --network host "${extra[@]}")
   fi
+  warn_if_short_of_disk
   log "building $IMAGE on $base with $ENGINE"
   engine build "${args[@]}" "$ROOT"
 }
