@@ -156,7 +156,7 @@ warn_if_short_of_disk() {  # a first build peaks far above the image's size (the
   [ -d "$root" ] || return 0
   free_gb=$(df -P -B1G "$root" | awk 'NR == 2 { print $4 }')
   if ! engine image inspect "$IMAGE" >/dev/null 2>&1 && [ "${free_gb:-0}" -lt 20 ]; then
-    log "warning: ${free_gb} GB free under $root; a first build needs about 20 GB (docs/docker.md)"
+    log "warning: ${free_gb} GB free under $root; a first build needs more than 18 GB (docs/docker.md)"
   fi
 }
 

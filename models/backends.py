@@ -109,7 +109,7 @@ ParityRule = Callable[[list[Output], list[Output], str], Parity]
 
 # Largest difference in any probability (each class's, and the sign gate's) a candidate may show against
 # torch fp32: fp32 runtimes differ by summation order only (~1e-6 measured), bf16 keeps 8 bits of
-# mantissa, int8 rounds every activation to one of 256 levels.
+# mantissa, int8 rounds the activations up to the last convolution to one of 256 levels.
 PROBABILITY_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2, "int8": 0.1}
 # Share of the images on which a candidate may still differ (another top-1, or a probability beyond
 # the tolerance): none at full or half precision. int8 moves a few borderline images (3 of the 4,001
