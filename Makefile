@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# one pytest worker per core, each test file on one worker (its module fixtures start once)
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -m "not container"
+	$(BIN)/python -m pytest -m "not container" -n $(TEST_WORKERS) --dist loadfile
 
 # the image built and served by Docker or podman (tests/test_container.py; needs an engine, see docs/docker.md)
 test-container: setup

@@ -266,20 +266,17 @@ def test_the_choice_is_cached_and_a_broken_cache_is_redone(checkpoint_snapshot, 
         torch.testing.assert_close(forward(batch), loaded.model(batch), atol=1e-4, rtol=1e-4)
 
 
-def test_the_service_serves_the_chosen_backend_and_shows_it(checkpoint_snapshot, tmp_path, sign_png, sign_image):
+def test_the_service_serves_the_chosen_backend_and_shows_it(cnn_snapshot, tmp_path, sign_png, sign_image):
     """`python -m app` with SIGNSERVE_BACKEND=auto over HTTP: the choice in /v1/models, the metrics and the
     log, the worker processes answering through it, and a second start reading it from the cache."""
     from conftest import start_server
     from helpers import files
 
-    only_cnn = tmp_path / "checkpoints"
-    only_cnn.mkdir()
-    (only_cnn / "cnn.pt").write_bytes((checkpoint_snapshot / "cnn.pt").read_bytes())
     settings = {"backend": "auto", "backend_cache_dir": tmp_path / "cache", "backend_parity_images": 64,
                 "device": "cpu", "worker_processes": "true", "warmup": "false"}
-    loaded = load_checkpoint(only_cnn / "cnn.pt", name="cnn")
+    loaded = load_checkpoint(cnn_snapshot / "cnn.pt", name="cnn")
     for start in ("first", "second"):
-        server = start_server(only_cnn, tmp_path / f"{start}.log", **settings)
+        server = start_server(cnn_snapshot, tmp_path / f"{start}.log", **settings)
         try:
             with server.client() as client:
                 info = client.get("/v1/models/cnn").json()
@@ -310,22 +307,19 @@ def test_the_service_serves_the_chosen_backend_and_shows_it(checkpoint_snapshot,
 
 
 @pytest.mark.skipif("openvino" not in RUNTIMES, reason="openvino not installed")
-def test_the_in_process_engine_runs_the_requested_backend(checkpoint_snapshot, tmp_path, sign_png, sign_image):
+def test_the_in_process_engine_runs_the_requested_backend(cnn_snapshot, tmp_path, sign_png, sign_image):
     """Forwards in threads (no worker processes): SIGNSERVE_BACKEND=openvino serves OpenVINO's answers."""
     from conftest import app_client
     from helpers import files
     from models.preprocessing import image_to_uint8
 
-    only_cnn = tmp_path / "checkpoints"
-    only_cnn.mkdir()
-    (only_cnn / "cnn.pt").write_bytes((checkpoint_snapshot / "cnn.pt").read_bytes())
-    with app_client(only_cnn, backend="openvino", backend_cache_dir=tmp_path / "cache",
+    with app_client(cnn_snapshot, backend="openvino", backend_cache_dir=tmp_path / "cache",
                     backend_parity_images=64) as client:
         backend = client.get("/v1/models/cnn").json()["backend"]
         assert (backend["backend"], backend["precision"]) == ("openvino", "fp32"), backend
         assert backend["parity"]["openvino-fp32"]["top1_mismatches"] == 0
         answer = client.post("/v1/predict?model=cnn&top_k=43", files=files(("sign.png", sign_png))).json()
-    loaded = load_checkpoint(only_cnn / "cnn.pt")
+    loaded = load_checkpoint(cnn_snapshot / "cnn.pt")
     want = Predictor(loaded, threads=1)(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
     got = {p["class_id"]: p["probability"] for p in answer["results"][0]["predictions"]}
     assert max(got, key=got.get) == int(want.argmax())

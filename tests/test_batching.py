@@ -331,11 +331,11 @@ def test_concurrent_http_requests_share_forward_passes(server, client, sign_png)
 
 
 @pytest.fixture(scope="module")
-def small_queue_server(checkpoint_snapshot, tmp_path_factory):
+def small_queue_server(cnn_snapshot, tmp_path_factory):
     """A server whose queue holds exactly one request of 8 images, batching one image at a time;
     its forwards run in threads of the server process (the CUDA default), the other servers' in
     worker processes."""
-    live = start_server(checkpoint_snapshot, tmp_path_factory.mktemp("small-queue") / "server.log",
+    live = start_server(cnn_snapshot, tmp_path_factory.mktemp("small-queue") / "server.log",
                         queue_size=8, max_files_per_request=8, max_batch_size=1, max_wait_ms=0,
                         worker_processes="false")
     yield live

@@ -91,10 +91,10 @@ def test_decode_image_keeps_full_size_without_max_side(sign_png):
     assert decoded.scale == (1.0, 1.0)
 
 
-def test_large_decodes_at_once_stay_within_the_process_budget(checkpoint_snapshot):
+def test_large_decodes_at_once_stay_within_the_process_budget(cnn_snapshot):
     # four requests of one 36 Mpx PNG each; the process may decode 40 Mpx at once: one at a time
     png = encode(Image.new("RGB", (6000, 6000), (200, 30, 30)), "PNG")
-    with app_client(checkpoint_snapshot, max_request_pixels=40_000_000, max_decoding_pixels=40_000_000) as client:
+    with app_client(cnn_snapshot, max_request_pixels=40_000_000, max_decoding_pixels=40_000_000) as client:
         with ThreadPoolExecutor(4) as pool:
             statuses = list(pool.map(lambda i: client.post("/v1/predict", files=files((f"{i}.png", png)))
                                      .status_code, range(4)))

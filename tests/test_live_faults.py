@@ -25,8 +25,8 @@ HEADER_TIMEOUT_S, BODY_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, WORKER_TIMEOUT_S = 2, 4, 3
 
 
 @pytest.fixture(scope="module")
-def live(checkpoint_snapshot, tmp_path_factory) -> LiveServer:
-    server = start_server(checkpoint_snapshot, tmp_path_factory.mktemp("faults") / "server.log", device="cpu",
+def live(cnn_snapshot, tmp_path_factory) -> LiveServer:
+    server = start_server(cnn_snapshot, tmp_path_factory.mktemp("faults") / "server.log", device="cpu",
                           worker_processes="true", instances=2, warmup="false",
                           header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S,
                           shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, worker_timeout_s=WORKER_TIMEOUT_S)

@@ -7,8 +7,8 @@ from conftest import app_client
 from helpers import files
 
 
-def test_a_request_larger_than_the_queue_is_a_413_naming_the_limit(checkpoint_snapshot, sign_png):
-    with app_client(checkpoint_snapshot, queue_size=4) as client:
+def test_a_request_larger_than_the_queue_is_a_413_naming_the_limit(cnn_snapshot, sign_png):
+    with app_client(cnn_snapshot, queue_size=4) as client:
         response = client.post("/v1/predict", files=files(*[(f"{i}.png", sign_png) for i in range(5)]))
         assert response.status_code == 413, response.text
         detail = response.json()["detail"]

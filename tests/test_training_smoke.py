@@ -1,9 +1,13 @@
 """1-epoch smoke runs and stop/resume on a small subset of the real GTSRB data."""
 
 import csv
+import io
 import json
+import signal
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,12 +17,46 @@ from models.paths import default_data_root
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--max-train-samples", "600", "--max-test-samples", "300", "--batch-size", "64"]
+TINY = ["--max-train-samples", "256", "--max-test-samples", "128", "--batch-size", "64"]  # 4 steps an epoch
 FIELDS = ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
 
 
-def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "training.train", "--data-root", default_data_root(), *args],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def train_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m training.train`, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "training.train", "--data-root", default_data_root(), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def train_here(*args: str) -> Finished:
+    """training.train's main in this process, with its exit status and output as the CLI gives them:
+    a new interpreter spends ~4 s importing torch before its first batch, these runs ~2 s in all."""
+    from training.train import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}  # main() sets its own
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                code = main(["--data-root", default_data_root(), *args])
+            except SystemExit as stop:  # argparse and the flag checks, as the interpreter reports them
+                code = stop.code if isinstance(stop.code, int) else 1
+                if not isinstance(stop.code, int) and stop.code is not None:
+                    print(stop.code, file=sys.stderr)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return Finished(code or 0, stdout.getvalue(), stderr.getvalue())
+
+
+def train(*args: str, check: bool = True) -> Finished:
+    result = train_here(*args)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -36,7 +74,9 @@ def epoch_lines(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("one-epoch") / "cnn.pt"
-    return out, train("--model", "cnn", "--epochs", "1", "--output", str(out), *SMALL)
+    result = train_cli("--model", "cnn", "--epochs", "1", "--output", str(out), *SMALL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
 
 
 def test_one_epoch_logs_all_four_figures_to_stdout_csv_log_and_checkpoint(one_epoch_run):
@@ -57,14 +97,14 @@ def test_one_epoch_logs_all_four_figures_to_stdout_csv_log_and_checkpoint(one_ep
 
 def test_stopped_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_run(tmp_path):
     full = tmp_path / "full" / "cnn.pt"
-    train("--model", "cnn", "--epochs", "3", "--output", str(full), *SMALL)
+    train("--model", "cnn", "--epochs", "3", "--output", str(full), *TINY)
 
     parted = tmp_path / "parted" / "cnn.pt"
-    first = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--stop-after-epochs", "1", *SMALL,
+    first = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--stop-after-epochs", "1", *TINY,
                   check=False)
     assert first.returncode == 99, first.stderr
     assert [int(r["epoch"]) for r in read_csv(parted.with_suffix(".metrics.csv"))] == [1]
-    second = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--resume", *SMALL)
+    second = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--resume", *TINY)
     assert "resumed" in second.stdout and len(epoch_lines(second.stdout)) == 2
 
     rows = read_csv(parted.with_suffix(".metrics.csv"))
@@ -79,7 +119,7 @@ def test_stopped_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_run(
 
 
     # Resuming a finished run trains nothing and leaves the log alone.
-    third = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--resume", *SMALL)
+    third = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--resume", *TINY)
     assert epoch_lines(third.stdout) == [] and len(read_csv(parted.with_suffix(".metrics.csv"))) == 3
 
 

@@ -55,8 +55,8 @@ def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
 
 
 @pytest.fixture(scope="module")
-def process_server(checkpoint_snapshot, tmp_path_factory):
-    live = start_server(checkpoint_snapshot, tmp_path_factory.mktemp("workers") / "server.log",
+def process_server(cnn_snapshot, tmp_path_factory):
+    live = start_server(cnn_snapshot, tmp_path_factory.mktemp("workers") / "server.log",
                         device="cpu", worker_processes="true", instances=2)
     yield live
     live.stop()

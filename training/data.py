@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,20 +103,38 @@ def load_split(root: str, split: str, pre: Preprocessing, cache_dir: Path | None
                workers: int | None = None) -> TensorSplit:
     """Decode a whole split with the shared preprocessing; reuse the on-disk cache when it matches."""
     samples = list_samples(root, split)
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"{split}-{pre.input_size}-{_cache_key(samples, pre)}.pt"
+    if cache_dir is None:
+        return _decode_split(samples, pre, workers)
+    cache = Path(cache_dir) / f"{split}-{pre.input_size}-{_cache_key(samples, pre)}.pt"
+    with _exclusive(cache.with_suffix(".lock")):  # processes that start together (torchrun's ranks) decode once
         if cache.is_file():
             blob = safe_load(cache)
             return TensorSplit(blob["images"], blob["labels"])
+        decoded = _decode_split(samples, pre, workers)
+        atomic_save({"images": decoded.images, "labels": decoded.labels}, cache)
+    return decoded
+
+
+def _decode_split(samples: list[tuple[str, int]], pre: Preprocessing, workers: int | None) -> TensorSplit:
     workers = workers or min(4, os.cpu_count() or 1)
     jobs = [(p, pre) for p, _ in samples]
     with ProcessPoolExecutor(workers) as pool:
         images = torch.from_numpy(np.stack(list(pool.map(_decode, jobs, chunksize=256))))
-    labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
-    if cache is not None:
-        atomic_save({"images": images, "labels": labels}, cache)
-    return TensorSplit(images, labels)
+    return TensorSplit(images, torch.tensor([c for _, c in samples], dtype=torch.int64))
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory lock on lock_path for the block (none where the folder cannot be written)."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def main() -> None:

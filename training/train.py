@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             f"test accuracy {metrics[-1]['test_accuracy']:.4f}; checkpoint {files.checkpoint}")
         if rank == 0:
             calibrate_after_training(args, files.checkpoint, log)
-        teardown_distributed(world)
+    teardown_distributed(world)
     return status
 
 

@@ -33,7 +33,8 @@ from training.detection_data import CropSampler, load_paste_signs
 from training.detection_metrics import balanced_threshold, detection_summary
 from training.gtsdb import load_frames, read_ground_truth, split_frames
 from training.train import init_weights, make_scheduler
-from training.utils import EXIT_PREEMPTED, Logger, Preemption, describe_machine, setup_distributed
+from training.utils import (EXIT_PREEMPTED, Logger, Preemption, describe_machine, setup_distributed,
+                            teardown_distributed)
 
 FRAME_SIDE = 1360  # GTSDB's frames are 1360x800: served photos are shrunk to this longer side
 METRIC_FIELDS = ("epoch", "train_loss", "val_precision", "val_recall", "val_map50", "score_threshold", "seconds")
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = train_one_epoch(model, optimizer, scheduler, sampler, pre, args, device, preemption)
         if loss is None:
             log(f"preempted during epoch {epoch}; state kept at epoch {len(metrics)}, resume with --resume")
+            teardown_distributed(world)
             return EXIT_PREEMPTED
         if rank == 0:
             row = {"epoch": epoch, "train_loss": loss, **validate(model, val_frames, val_pixels, pre, device),
@@ -229,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         if preemption.agreed(world, device) or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
             if epoch < args.epochs:
                 log(f"stopping after epoch {epoch}; resume with --resume")
+                teardown_distributed(world)
                 return EXIT_PREEMPTED
     if metrics:
         log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, val AP@0.5 "
             f"{metrics[-1]['val_map50']:.4f}; checkpoint {out}")
-    if world > 1:
-        dist.destroy_process_group()
+    teardown_distributed(world)
     return 0
 
 

@@ -36,7 +36,11 @@ def barrier(world: int) -> None:
 
 
 def teardown_distributed(world: int) -> None:
+    """On every rank at a normal exit (done or preempted). The barrier lets no rank close its gloo
+    connections while a peer still uses them: a rank that exits first can abort the other
+    ("terminate called without an active exception", seen once under load)."""
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
