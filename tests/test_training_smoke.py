@@ -35,8 +35,8 @@ def train_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def train_here(*args: str) -> Finished:
-    """training.train's main in this process, with its exit status and output as the CLI gives them:
-    a new interpreter spends ~4 s importing torch before its first batch, these runs ~2 s in all."""
+    """training.train's main in this process, with the exit status and output the CLI gives: a new
+    interpreter spends ~4 s of CPU importing torch before its first batch."""
     from training.train import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -45,10 +45,10 @@ def train_here(*args: str) -> Finished:
         with redirect_stdout(stdout), redirect_stderr(stderr):
             try:
                 code = main(["--data-root", default_data_root(), *args])
-            except SystemExit as stop:  # argparse and the flag checks, as the interpreter reports them
-                code = stop.code if isinstance(stop.code, int) else 1
-                if not isinstance(stop.code, int) and stop.code is not None:
+            except SystemExit as stop:  # argparse and the flag checks; a message exits 1, as in the interpreter
+                if isinstance(stop.code, str):
                     print(stop.code, file=sys.stderr)
+                code = 1 if isinstance(stop.code, str) else stop.code
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
