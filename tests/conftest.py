@@ -98,8 +98,8 @@ def checkpoint_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cnn_snapshot(checkpoint_snapshot: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The snapshot's cnn alone, for servers whose tests are about the service around one classifier:
-    each further model costs every worker process seconds of loading and warm-up."""
+    """The snapshot's cnn alone, for servers and apps whose tests are about the service around one
+    classifier: each further model costs every worker process seconds of loading and warm-up."""
     only_cnn = tmp_path_factory.mktemp("cnn-checkpoint")
     shutil.copy2(checkpoint_snapshot / "cnn.pt", only_cnn / "cnn.pt")
     return only_cnn

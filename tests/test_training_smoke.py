@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,30 +20,24 @@ TINY = ["--max-train-samples", "256", "--max-test-samples", "128", "--batch-size
 FIELDS = ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"]
 
 
-@dataclass
-class Finished:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 def train_cli(*args: str) -> subprocess.CompletedProcess:
     """`python -m training.train`, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "training.train", "--data-root", default_data_root(), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def train_here(*args: str) -> Finished:
+def train_here(*args: str) -> subprocess.CompletedProcess:
     """training.train's main in this process, with the exit status and output the CLI gives: a new
     interpreter spends ~4 s of CPU importing torch before its first batch."""
     from training.train import main
 
+    argv = ["--data-root", default_data_root(), *args]
     stdout, stderr = io.StringIO(), io.StringIO()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}  # main() sets its own
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr):
             try:
-                code = main(["--data-root", default_data_root(), *args])
+                code = main(argv)
             except SystemExit as stop:  # argparse and the flag checks; a message exits 1, as in the interpreter
                 if isinstance(stop.code, str):
                     print(stop.code, file=sys.stderr)
@@ -52,10 +45,10 @@ def train_here(*args: str) -> Finished:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return Finished(code or 0, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
 
 
-def train(*args: str, check: bool = True) -> Finished:
+def train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = train_here(*args)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

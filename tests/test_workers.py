@@ -89,7 +89,6 @@ def test_a_killed_worker_is_replaced(process_server, sign_png):
     assert "died" in process_server.log()
 
 
-
 def test_closing_while_a_replacement_loads_does_not_wait_for_it(checkpoint_snapshot):
     """A worker dies and its replacement starts loading (seconds: a new interpreter, torch, the
     models); closing the pool then must not wait for that load, and kills the replacement."""

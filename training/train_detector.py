@@ -33,7 +33,7 @@ from training.detection_data import CropSampler, load_paste_signs
 from training.detection_metrics import balanced_threshold, detection_summary
 from training.gtsdb import load_frames, read_ground_truth, split_frames
 from training.train import init_weights, make_scheduler
-from training.utils import (EXIT_PREEMPTED, Logger, Preemption, describe_machine, setup_distributed,
+from training.utils import (EXIT_PREEMPTED, Logger, Preemption, barrier, describe_machine, setup_distributed,
                             teardown_distributed)
 
 FRAME_SIDE = 1360  # GTSDB's frames are 1360x800: served photos are shrunk to this longer side
@@ -208,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
     train_args["machine"] = describe_machine(device, world)
 
-    epochs_this_run = 0
+    status, epochs_this_run = 0, 0
     for epoch in range(len(metrics) + 1, args.epochs + 1):
         t0 = time.perf_counter()
         loss = train_one_epoch(model, optimizer, scheduler, sampler, pre, args, device, preemption)
         if loss is None:
             log(f"preempted during epoch {epoch}; state kept at epoch {len(metrics)}, resume with --resume")
-            teardown_distributed(world)
-            return EXIT_PREEMPTED
+            status = EXIT_PREEMPTED
+            break
         if rank == 0:
             row = {"epoch": epoch, "train_loss": loss, **validate(model, val_frames, val_pixels, pre, device),
                    "seconds": time.perf_counter() - t0}
@@ -225,19 +225,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"epoch {epoch}/{args.epochs} train_loss {loss:.4f} val_precision {row['val_precision']:.4f} "
                 f"val_recall {row['val_recall']:.4f} val_map50 {row['val_map50']:.4f} score_threshold "
                 f"{row['score_threshold']:.2f} seconds {row['seconds']:.1f}")
-        if world > 1:
-            dist.barrier()
+        barrier(world)
         epochs_this_run += 1
         if preemption.agreed(world, device) or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
             if epoch < args.epochs:
                 log(f"stopping after epoch {epoch}; resume with --resume")
-                teardown_distributed(world)
-                return EXIT_PREEMPTED
-    if metrics:
+                status = EXIT_PREEMPTED
+                break
+    if status == 0 and metrics:
         log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, val AP@0.5 "
             f"{metrics[-1]['val_map50']:.4f}; checkpoint {out}")
     teardown_distributed(world)
-    return 0
+    return status
 
 
 def save_epoch(model, optimizer, scheduler, sampler, metrics, pre, train_args, data_info, out: Path,
