@@ -29,11 +29,11 @@ FIT_FRAMES = range(0, 500)
 VALIDATION_FRAMES = range(500, 600)
 PATCH_SIDES = (24, 128)
 CROP_MARGIN = 0.1  # GTSRB crops keep ~10 % of the sign's size around it
-_TRACK = re.compile(r"(\d{5})_\d{5}\.ppm$")
+_TRACK = re.compile(r"(\d{5})_\d{5}\.(?:ppm|jpe?g|png)$", re.IGNORECASE)
 
 
 def track_of(path: str) -> str:
-    """GTSRB training files are <class>/<track>_<frame>.ppm; a track is one physical sign."""
+    """GTSRB training files are <class>/<track>_<frame>.<ext>; a track is one physical sign."""
     match = _TRACK.search(path)
     if match is None:
         raise ValueError(f"not a GTSRB training file name: {path}")

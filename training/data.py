@@ -1,4 +1,4 @@
-"""GTSRB decoded once into uint8 tensors (optionally cached on disk), so no epoch decodes a PPM again.
+"""GTSRB decoded once into uint8 tensors (optionally cached on disk), so no epoch decodes an image again.
 
     python -m training.data --data-root ../shared/data --input-size 32      # build the caches
     python -m training.data --stats                                          # channel mean / std
@@ -27,6 +27,7 @@ from models.paths import PROJECT_ROOT, default_data_root
 from models.preprocessing import Preprocessing, image_to_uint8, normalize
 
 DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "gtsrb"
+IMAGE_SUFFIXES = (".ppm", ".jpg", ".jpeg", ".png")
 
 
 @dataclass
@@ -60,12 +61,13 @@ def list_samples(root: str, split: str) -> list[tuple[str, int]]:
         with open(base / "GT-final_test.csv", newline="") as f:
             return [(str(folder / row["Filename"]), int(row["ClassId"]))
                     for row in csv.DictReader(f, delimiter=";", skipinitialspace=True)]
-    # torchvision's ImageFolder rule: class folders in sorted order are the class ids, .ppm files in each
+    # torchvision's ImageFolder rule: class folders in sorted order are the class ids, the images in each
+    # (the official release's .ppm, or .jpg / .png copies of it)
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     samples = []
     for class_id, name in enumerate(classes):
         for directory, _, files in sorted(os.walk(os.path.join(str(folder), name), followlinks=True)):
-            samples += [(os.path.join(directory, f), class_id) for f in sorted(files) if f.lower().endswith(".ppm")]
+            samples += [(os.path.join(directory, f), class_id) for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
     return samples
 
 

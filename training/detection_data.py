@@ -36,7 +36,7 @@ class PasteSign:
 
 def load_paste_signs(root: str, count: int, seed: int = 0) -> list[PasteSign]:
     """`count` GTSRB training crops drawn at random over all classes, with their sign boxes from the
-    per-class CSV files (scaled to the stored image: the CSV gives the original capture's size)."""
+    per-class CSV files (in the stored image's pixels)."""
     folder = Path(root) / "gtsrb" / "GTSRB" / "Training"
     if not folder.is_dir():
         raise FileNotFoundError(f"no GTSRB training images under {folder}; set --data-root")
@@ -49,10 +49,8 @@ def load_paste_signs(root: str, count: int, seed: int = 0) -> list[PasteSign]:
     signs = []
     for path, r in rows[:count]:
         with Image.open(path) as image:
-            kx, ky = image.width / int(r["Width"]), image.height / int(r["Height"])
             pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
-        roi = (round(int(r["Roi.X1"]) * kx), round(int(r["Roi.Y1"]) * ky),
-               round((int(r["Roi.X2"]) + 1) * kx), round((int(r["Roi.Y2"]) + 1) * ky))
+        roi = (int(r["Roi.X1"]), int(r["Roi.Y1"]), int(r["Roi.X2"]) + 1, int(r["Roi.Y2"]) + 1)
         signs.append(PasteSign(pixels, roi, int(r["ClassId"])))
     return signs
 
