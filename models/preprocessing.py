@@ -75,7 +75,7 @@ def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
         image = Image.merge("YCbCr", (ImageOps.equalize(y), cb, cr)).convert("RGB")
     # HWC -> CHW in numpy: one copy, and about half the CPU of torch's permute + contiguous on one
     # small image (this runs on the service's event loop for every upload)
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+    return torch.from_numpy(np.array(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1), order="C"))
 
 
 def normalize(batch: torch.Tensor, pre: Preprocessing, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, HTTPException, Request
@@ -32,15 +33,22 @@ def get_detector(service: Service) -> ServedModel:
     return detectors[0]
 
 
-async def submit(served: ServedModel, images: list, service: Service) -> list:
-    """Queue images on a model's batcher and wait for their results (503 when it cannot take them)."""
-    try:
-        futures = served.batcher.submit(images)
-    except QueueFull as exc:
-        service.metrics.queue_rejections.labels(served.loaded.name).inc()
-        raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    # the same deadline (504), hung-worker (504) and dead-worker (503) answers as /v1/predict
-    return list(await await_results(futures, service.settings.request_timeout_s))
+async def submit(served: ServedModel, images: list, service: Service, deadline: float) -> list:
+    """Queue images on a model's batcher and wait for their results, in chunks of a quarter of its queue:
+    the boxes of many frames can outnumber the whole queue (thousands at a low min_score), and a
+    request that waits for each chunk in turn leaves room for other clients' images. 503 when even a
+    chunk does not fit now; the same deadline (504), hung-worker (504) and dead-worker (503) answers as
+    /v1/predict, the deadline counted once for the whole request."""
+    chunk = max(1, served.batcher.queue_size // 4)
+    results: list = []
+    for start in range(0, len(images), chunk):
+        try:
+            futures = served.batcher.submit(images[start:start + chunk])
+        except QueueFull as exc:
+            service.metrics.queue_rejections.labels(served.loaded.name).inc()
+            raise HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        results += await await_results(futures, service.settings.request_timeout_s, deadline=deadline)
+    return results
 
 
 @router.post(
@@ -58,6 +66,8 @@ async def submit(served: ServedModel, images: list, service: Service) -> list:
                              "readable image (`detail` names it)"},
         503: {"model": ErrorResponse, "description": "queue full, models still loading, or a forward worker "
                                                       "restarting; see Retry-After"},
+        504: {"model": ErrorResponse, "description": "the photos were not answered within the request "
+                                                      "deadline, or their forward worker stopped answering"},
     },
 )
 async def detect(request: Request) -> DetectResponse:
@@ -83,12 +93,13 @@ async def detect(request: Request) -> DetectResponse:
         scenes = await decode_uploads(uploads, SceneDecoder(pre.input_size), service.decode_budget,
                                       settings.max_image_pixels)
         started = time.perf_counter()
-        found = await submit(detector, [image_to_uint8(s.image, pre) for s in scenes], service)
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+        found = await submit(detector, [image_to_uint8(s.image, pre) for s in scenes], service, deadline)
     kept = [[f for f in frame_found if f[1] >= min_score] for frame_found in found]
     crops = [await run_in_threadpool(classifier_crops, scene.image, [f[0] for f in signs],
                                      classifier.loaded.preprocessing)
              for scene, signs in zip(scenes, kept) if signs]
-    ranked = await submit(classifier, [c for batch in crops for c in batch], service) if crops else []
+    ranked = await submit(classifier, [c for batch in crops for c in batch], service, deadline) if crops else []
     service.metrics.prediction_duration.labels(detector.loaded.name).observe(time.perf_counter() - started)
     labels, answers, position = classifier.loaded.class_names, [], 0
     for upload, scene, signs in zip(uploads, scenes, kept):

@@ -133,11 +133,13 @@ async def predict(request: Request) -> PredictResponse:
     return predict_response(served.loaded, uploads, ranked, query.top_k)
 
 
-async def await_results(futures: list[asyncio.Future], timeout_s: float) -> list:
-    """The queued images' results, in order; 504 past the request's deadline (its images still queued
-    are dropped) or when the forward worker hung, 503 + Retry-After when it died."""
+async def await_results(futures: list[asyncio.Future], timeout_s: float, deadline: float | None = None) -> list:
+    """The queued images' results, in order; 504 past the request's deadline (`timeout_s` from now, or
+    the loop time `deadline` of a request that waits in several steps; its images still queued are
+    dropped) or when the forward worker hung, 503 + Retry-After when it died."""
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout_at(deadline if deadline is not None else
+                                      asyncio.get_running_loop().time() + timeout_s):
             return await asyncio.gather(*futures)
     except TimeoutError:
         for future in futures:
