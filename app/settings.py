@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,9 +36,11 @@ class Settings(BaseSettings):
                                                           "so the event loop that feeds them runs first")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default on the CPU: "
                                                               "cores / instances; on CUDA: torch's own)")
-    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+    backend: str = Field(
         "auto", description="the forward's runtime: auto (the fastest that matches torch fp32 on real images, "
-                            "chosen once per checkpoint and machine, see docs/backends.md), or one of them")
+                            "chosen once per checkpoint and machine, see docs/backends.md), a runtime (torch, "
+                            "onnxruntime, openvino: its fastest variant that passes parity), or one variant "
+                            "exactly (e.g. openvino-fp32, openvino-bf16, onnxruntime-int8)")
     backend_cache_dir: Path = Field(PROJECT_ROOT / ".cache" / "backends",
                                     description="exported models and backend choices, by checkpoint sha256")
     backend_parity_images: int = Field(500, ge=1, description="real GTSRB test images every backend must "
@@ -83,6 +84,16 @@ class Settings(BaseSettings):
         if self.max_request_pixels > self.max_decoding_pixels:
             raise ValueError("max_request_pixels must not exceed max_decoding_pixels")
         return self
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        from models.backends import REQUESTS
+
+        value = value.strip().lower()
+        if value not in REQUESTS:
+            raise ValueError(f"backend must be one of {', '.join(REQUESTS)}")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -40,7 +40,12 @@ from models.export import QUANTIZATION_VERSION, InputSpec, export_onnx, export_o
 log = logging.getLogger("signserve")
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
-REQUESTS = ("auto", *BACKENDS)
+# Each runtime's precisions on the CPU (torch fp16 is CUDA's).
+PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+# A plain runtime name asks for its fastest variant that passes parity (bf16 only on a CPU with native
+# bf16); `runtime-precision` asks for exactly that variant, on any CPU (bf16 is then emulated where
+# the CPU has none: slower, but the same parity rule), torch fp32 when it fails.
+REQUESTS = ("auto", *BACKENDS, *(f"{b}-{p}" for b, ps in PRECISIONS.items() for p in ps))
 RECORD_VERSION = 3  # 2: parity covers the sign probability; int8 candidates. 3: int8 recipe 2
 # A runtime other than torch must beat torch fp32 by this factor to be chosen: within the noise of one
 # measurement, the reference runtime wins.
@@ -227,11 +232,15 @@ def candidates(request: str, device: torch.device, flags: set[str], half: bool =
     """What `select` tries for SIGNSERVE_BACKEND=`request`, reference first. `int8`: the job can
     calibrate a quantised model and check its held-out accuracy (ONNX Runtime's static quantisation)."""
     if request not in REQUESTS:
-        raise ValueError(f"unknown backend {request!r}; expected one of {REQUESTS}")
+        raise ValueError(f"unknown backend {request!r}; expected one of {', '.join(REQUESTS)}")
     if device.type == "cuda":
         return [Candidate("torch", "fp16" if half else "fp32")]
-    bf16 = native_bf16(flags)
     found = [TORCH_FP32]
+    backend, _, precision = request.partition("-")
+    if precision:  # one variant named exactly
+        wanted = Candidate(backend, precision)
+        return found + ([wanted] if wanted != TORCH_FP32 and (precision != "int8" or int8) else [])
+    bf16 = native_bf16(flags)
     for backend in BACKENDS:
         if request in ("auto", backend):
             # ONNX Runtime's CPU provider has no bf16 switch for an fp32 graph
@@ -312,6 +321,9 @@ def openvino_forward(path: str | os.PathLike, threads: int, precision: str) -> F
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
     compiled = ov.Core().compile_model(str(path), "CPU", config)
+    runs = "bf16" if "bf16" in str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() else "f32"
+    if (runs == "bf16") != (precision == "bf16"):  # OpenVINO quietly runs f32 where the CPU has no bf16
+        raise RuntimeError(f"OpenVINO was asked for {precision} and runs {runs} on this CPU")
     names = [o.get_any_name() for o in compiled.outputs]
     local = threading.local()  # an infer request serves one inference at a time: one per calling thread
 
@@ -512,7 +524,7 @@ def _fastest(passing: dict[str, tuple[Candidate, Forward, str | None]], rates: d
                                      f"{torch_rate:.3g} images/s)")
             best = TORCH_FP32.label
         return best
-    asked = [label for label, (c, _, _) in passing.items() if c.backend == request]
+    asked = [label for label, (c, _, _) in passing.items() if request in (c.backend, c.label)]
     return max(asked, key=rates.get) if asked else TORCH_FP32.label
 
 
@@ -528,9 +540,9 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
         record.reason = "no real images to check parity on: torch fp32"
         log.warning("%s: %s", job.name, record.reason)
         return torch_forward(module, device), record
-    if not native_bf16(flags):
+    if not native_bf16(flags) and "-" not in request:
         record.rejected["*-bf16"] = "not tried: the CPU reports no native bf16 (avx512_bf16 / amx_bf16)"
-    if not job.int8 and request in ("auto", "onnxruntime"):
+    if not job.int8 and request in ("auto", "onnxruntime", "onnxruntime-int8"):
         record.rejected["onnxruntime-int8"] = "not tried: no calibration images and held-out accuracy to hold it to"
     reference = _run_all(torch_forward(module, device), job.parity_batches, threads)
     passing: dict[str, tuple[Candidate, Forward, str | None]] = {}
@@ -577,7 +589,7 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
     if best != TORCH_FP32.label:
         record.reason = (f"{'fastest' if request == 'auto' else 'requested, and'} passing parity: "
                          f"{rates[best]:.3g} images/s, {rates[best] / torch_rate:.2f}x torch fp32 in the same run")
-    elif request in ("auto", "torch"):
+    elif request in ("auto", "torch", TORCH_FP32.label):
         record.reason = "torch fp32: no other candidate passed parity and was faster"
     else:
         why = "; ".join(f"{k}: {v}" for k, v in record.rejected.items() if k.startswith(request)) or "not tried"

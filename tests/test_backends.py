@@ -54,8 +54,10 @@ def test_each_runtime_answers_like_torch_on_real_images(name, backend, checkpoin
                                                         gtsrb_test_samples):
     loaded, job = job_for(name, checkpoint_snapshot, tmp_path, parity_images=500 if name == "cnn" else 64,
                           accuracy=name == "cnn")
-    # the module the service runs: the network with its calibration (app.engine.choose_backend)
-    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request=backend, threads=1)
+    # the module the service runs: the network with its calibration (app.engine.choose_backend); fp32 asked
+    # for by name, so that a CPU with bf16 runs the same check
+    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request=f"{backend}-fp32",
+                             threads=1)
     assert (record.backend, record.precision) == (backend, "fp32"), record
     figures = record.parity[record.label]
     assert figures["top1_mismatches"] == 0 and figures["max_abs_prob_diff"] <= 1e-4, figures
@@ -101,8 +103,8 @@ def test_the_detector_on_whole_frames_of_any_size(backend, tmp_path):
     spec = InputSpec((1, 3, 192, 320), dynamic_axes=(0, 2, 3))
     parity = [frames((320, 192), 2), frames((256, 160), 1, first=2)]
     job = Job("f" * 64, spec, parity, parity[0][:1], tmp_path, parity=output_parity, measure_seconds=0.3)
-    forward, record = select(module, job, request=backend, threads=1)
-    assert record.backend == backend, record
+    forward, record = select(module, job, request=f"{backend}-fp32", threads=1)
+    assert record.label == f"{backend}-fp32", record
     assert record.parity[record.label]["max_rel_diff"] <= 1e-4
     reference = torch_forward(module, torch.device("cpu"))
     for batch in (frames((416, 256), 2, first=5), pad_to_multiple(frames((1360, 800), 1, first=9))):
@@ -125,7 +127,7 @@ def test_the_shipped_detector_serves_on_each_runtime(backend, checkpoint_snapsho
     if not job.parity_batches:
         pytest.skip(f"no GTSDB frames under {default_data_root()}")
     job.measure_seconds = 0.3
-    _, record = select(loaded.model, job, request=backend, threads=1)
+    _, record = select(loaded.model, job, request=f"{backend}-fp32", threads=1)
     assert (record.backend, record.precision) == (backend, "fp32"), record
     assert record.parity[record.label]["batches"] == 2 and record.parity[record.label]["max_rel_diff"] <= 1e-4
     served, reference = DetectorPredictor(loaded, backend=record, threads=1), DetectorPredictor(loaded, threads=1)
@@ -307,23 +309,30 @@ def test_the_service_serves_the_chosen_backend_and_shows_it(cnn_snapshot, tmp_pa
 
 
 @pytest.mark.skipif("openvino" not in RUNTIMES, reason="openvino not installed")
-def test_the_in_process_engine_runs_the_requested_backend(cnn_snapshot, tmp_path, sign_png, sign_image):
-    """Forwards in threads (no worker processes): SIGNSERVE_BACKEND=openvino serves OpenVINO's answers."""
+@pytest.mark.parametrize("request_", ["openvino", "openvino-fp32"])
+def test_the_in_process_engine_runs_the_requested_backend(request_, cnn_snapshot, tmp_path, sign_png, sign_image):
+    """Forwards in threads (no worker processes): SIGNSERVE_BACKEND=openvino serves OpenVINO at whichever
+    precision passed its parity rule (bf16 only on a CPU with native bf16); openvino-fp32 serves fp32 on
+    every CPU. Either way the answer is torch fp32's within the served precision's tolerance."""
     from conftest import app_client
     from helpers import files
     from models.preprocessing import image_to_uint8
 
-    with app_client(cnn_snapshot, backend="openvino", backend_cache_dir=tmp_path / "cache",
+    with app_client(cnn_snapshot, backend=request_, backend_cache_dir=tmp_path / "cache",
                     backend_parity_images=64) as client:
         backend = client.get("/v1/models/cnn").json()["backend"]
-        assert (backend["backend"], backend["precision"]) == ("openvino", "fp32"), backend
-        assert backend["parity"]["openvino-fp32"]["top1_mismatches"] == 0
         answer = client.post("/v1/predict?model=cnn&top_k=43", files=files(("sign.png", sign_png))).json()
+    assert backend["backend"] == "openvino", backend
+    precision = backend["precision"]
+    assert precision == "fp32" if request_ == "openvino-fp32" else precision in ("fp32", "bf16")
+    label = f"openvino-{precision}"
+    parity = backend["parity"][label]
+    assert parity["top1_mismatches"] == 0 and parity["tolerance"] == PROBABILITY_TOLERANCE[precision]
     loaded = load_checkpoint(cnn_snapshot / "cnn.pt")
     want = Predictor(loaded, threads=1)(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
     got = {p["class_id"]: p["probability"] for p in answer["results"][0]["predictions"]}
     assert max(got, key=got.get) == int(want.argmax())
-    assert max(abs(got[i] - float(want[i])) for i in got) <= 1e-4
+    assert max(abs(got[i] - float(want[i])) for i in got) <= PROBABILITY_TOLERANCE[precision]
 
 @pytest.mark.skipif("openvino" not in RUNTIMES, reason="openvino not installed")
 def test_openvino_forwards_do_not_pin_threads(tmp_path):
@@ -356,6 +365,52 @@ def test_reduced_precision_is_tried_only_where_the_cpu_has_it():
         candidates("tensorrt", cpu, set())
 
 
+def test_a_variant_asked_for_by_name_is_tried_on_any_cpu():
+    from models.backends import candidates
+
+    cpu = torch.device("cpu")
+    for flags in (set(), {"avx512_bf16"}, {"amx_bf16"}):
+        assert [c.label for c in candidates("openvino-fp32", cpu, flags)] == ["torch-fp32", "openvino-fp32"]
+        assert [c.label for c in candidates("openvino-bf16", cpu, flags)] == ["torch-fp32", "openvino-bf16"]
+        assert [c.label for c in candidates("torch-bf16", cpu, flags)] == ["torch-fp32", "torch-bf16"]
+        assert [c.label for c in candidates("torch-fp32", cpu, flags)] == ["torch-fp32"]
+    assert [c.label for c in candidates("onnxruntime-int8", cpu, set())] == ["torch-fp32"]  # nothing to calibrate on
+    assert [c.label for c in candidates("onnxruntime-int8", cpu, set(), int8=True)] == ["torch-fp32",
+                                                                                       "onnxruntime-int8"]
+    with pytest.raises(ValueError, match="unknown backend"):
+        candidates("onnxruntime-bf16", cpu, {"avx512_bf16"})
+
+
+def test_the_bf16_branch_forced_on_any_cpu(cnn_snapshot, tmp_path):
+    """SIGNSERVE_BACKEND=torch-bf16 runs bf16 autocast whatever the CPU reports (emulated where it has no
+    bf16), held to the bf16 parity rule: the path a bf16 CPU takes, exercised on every machine."""
+    loaded, job = job_for("cnn", cnn_snapshot, tmp_path, parity_images=128)
+    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="torch-bf16",
+                             threads=1)
+    figures = record.parity["torch-bf16"]
+    assert figures["tolerance"] == PROBABILITY_TOLERANCE["bf16"] and figures["images"] == 128
+    passed = figures["top1_mismatches"] == 0 and figures["max_abs_prob_diff"] <= PROBABILITY_TOLERANCE["bf16"]
+    assert record.label == ("torch-bf16" if passed else "torch-fp32"), record
+    assert PROBABILITY_TOLERANCE["fp32"] < figures["max_abs_prob_diff"]  # bf16 really ran
+
+
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="openvino not installed")
+def test_openvino_bf16_runs_bf16_or_says_the_cpu_has_none(tmp_path):
+    """OpenVINO quietly runs f32 when asked for bf16 on a CPU without it: that variant is refused, so no
+    record ever calls an fp32 forward bf16."""
+    from models.backends import cpu_flags, native_bf16, openvino_forward
+    from models.export import export_openvino
+
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 43)).eval()
+    path = export_openvino(module, InputSpec((2, 3, 32, 32)), tmp_path / "m.xml", {})
+    if native_bf16(cpu_flags()):
+        forward = openvino_forward(path, threads=1, precision="bf16")
+        assert "bf16" in str(forward.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    else:
+        with pytest.raises(RuntimeError, match="asked for bf16 and runs f32"):
+            openvino_forward(path, threads=1, precision="bf16")
+
+
 def test_torch_bf16_is_judged_by_the_bf16_tolerance(checkpoint_snapshot, gtsrb_test_samples):
     """bf16 autocast (emulated on a CPU without it, so only the rule is checked here, not the speed)."""
     from models.backends import classifier_parity
@@ -377,11 +432,11 @@ def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkp
 
     loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=500, accuracy=True, int8=True)
     assert sum(len(b) for b in job.calibration()) == 512 and job.int8
-    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="onnxruntime",
-                             threads=1)
+    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job,
+                             request="onnxruntime-int8", threads=1)
     figures = record.parity["onnxruntime-int8"]
     assert figures["images"] == 500 and figures["outliers"] <= figures["outliers_allowed"] == 2, figures
-    assert record.label == "onnxruntime-int8", record  # the faster of the runtime's two variants here
+    assert record.label == "onnxruntime-int8", record  # asked for by name: served whatever its speed here
     accuracy, reference = record.test_accuracy["onnxruntime-int8"], record.test_accuracy["torch-fp32"]
     assert reference == pytest.approx(loaded.test_accuracy, abs=1e-6)  # torch fp32 on the whole split
     assert reference - MAX_ACCURACY_DROP <= accuracy <= 1, record.test_accuracy
