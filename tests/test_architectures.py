@@ -61,6 +61,10 @@ def test_resnet18_has_a_new_43_way_head():
 def test_imagenet_weights_offline_fail_loudly(monkeypatch, tmp_path):
     # No internet here and an empty hub cache: asking for ImageNet weights must stop, not train from scratch.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):  # offline on any runner
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    for bypass in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(bypass, raising=False)
     with pytest.raises(PretrainedWeightsUnavailable, match="--weights PATH"):
         build_model("resnet18", start_weights="imagenet")
 

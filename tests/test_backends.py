@@ -253,14 +253,14 @@ def test_the_choice_is_cached_and_a_broken_cache_is_redone(checkpoint_snapshot, 
                                                            gtsrb_test_samples):
     loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=64)
     runtime = RUNTIMES[0]
-    _, first = select(loaded.model, job, request=runtime, threads=1)
+    _, first = select(loaded.model, job, request=f"{runtime}-fp32", threads=1)
     assert first.label == f"{runtime}-fp32" and not first.cached
-    _, second = select(loaded.model, job, request=runtime, threads=1)
+    _, second = select(loaded.model, job, request=f"{runtime}-fp32", threads=1)
     assert second.cached and second.label == first.label and second.images_per_s == first.images_per_s
     with open(first.artifact, "r+b") as f:  # a damaged export: the cached choice must not be trusted
         f.truncate(100)
     with caplog.at_level(logging.WARNING, logger="signserve"):
-        forward, third = select(loaded.model, job, request=runtime, threads=1)
+        forward, third = select(loaded.model, job, request=f"{runtime}-fp32", threads=1)
     assert "choosing again" in caplog.text
     assert not third.cached and third.label == first.label
     batch = job.parity_batches[0]

@@ -1,6 +1,7 @@
 """Training and serving see an image through the same preprocessing, bit for bit."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,15 +72,39 @@ def test_equalisation_stretches_a_dark_image():
     assert int(plain.max()) < 40 and int(equalized.max()) > 200
 
 
-@pytest.mark.parametrize("split,count", [("train", 25087), ("test", 4001)])
-def test_samples_are_listed_exactly_as_torchvision_lists_them(split, count):
-    """training.data reads the layout itself (importing torchvision costs a process seconds); the files,
-    their order and class ids must be the reader's the data set is documented for."""
+def test_samples_are_listed_exactly_as_torchvision_lists_them(tmp_path):
+    """training.data reads the layout itself (importing torchvision costs a process seconds); on the
+    official release's .ppm files its files, order and class ids must be torchvision's."""
     from torchvision.datasets import GTSRB
 
+    train = tmp_path / "gtsrb" / "GTSRB" / "Training"
+    for class_id, files in ((0, ["00000_00001", "00000_00000", "00001_00000"]), (1, ["00000_00000"]), (10, ["00002_00029"])):
+        (train / f"{class_id:05d}").mkdir(parents=True)
+        for name in files:
+            (train / f"{class_id:05d}" / f"{name}.ppm").write_bytes(b"P6 1 1 255 \0\0\0")
+    (tmp_path / "gtsrb" / "GTSRB" / "Final_Test" / "Images").mkdir(parents=True)
+    (tmp_path / "gtsrb" / "GT-final_test.csv").write_text("Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+                                                         "00001.ppm;1;1;0;0;0;0;7\n00000.ppm;1;1;0;0;0;0;3\n")
+    for split in ("train", "test"):
+        theirs = [(str(path), int(label)) for path, label in GTSRB(root=str(tmp_path), split=split)._samples]
+        assert list_samples(str(tmp_path), split) == theirs and theirs
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_image_of_the_real_data_is_listed_with_its_csv_class(split):
+    """JPEG, PNG and PPM alike: each image the CSV files name is listed once, with the CSV's class id."""
+    import csv
+
+    base = Path(default_data_root()) / "gtsrb"
+    tables = sorted((base / "GTSRB" / "Training").glob("*/GT-*.csv")) if split == "train" else [base / "GT-final_test.csv"]
+    expected = {}
+    for table in tables:
+        folder = table.parent if split == "train" else base / "GTSRB" / "Final_Test" / "Images"
+        with open(table, newline="") as f:
+            expected.update({str(folder / r["Filename"]): int(r["ClassId"])
+                             for r in csv.DictReader(f, delimiter=";", skipinitialspace=True)})
     ours = list_samples(default_data_root(), split)
-    theirs = [(str(path), int(label)) for path, label in GTSRB(root=default_data_root(), split=split)._samples]
-    assert len(ours) == count and ours == theirs
+    assert len(ours) == len(expected) > 0 and dict(ours) == expected
 
 
 def test_a_missing_data_root_names_the_setting(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from models.checkpoint import load_checkpoint
 from models.paths import default_data_root
+from training.data import list_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--max-train-samples", "600", "--max-test-samples", "300", "--batch-size", "64"]
@@ -140,7 +141,13 @@ def test_epochs_above_20_are_refused(tmp_path):
     assert result.returncode != 0 and "between 1 and 20" in result.stderr
 
 
-def test_pretrained_resnet_offline_stops_with_instructions(tmp_path):
+def test_pretrained_resnet_offline_stops_with_instructions(tmp_path, monkeypatch):
+    # offline on any runner: an empty weights cache, and every download sent to a closed loopback port
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    for bypass in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(bypass, raising=False)
     env_free = train("--model", "resnet18", "--start-weights", "imagenet", "--epochs", "1",
                      "--output", str(tmp_path / "r.pt"), *SMALL, check=False)
     assert env_free.returncode == 2
@@ -154,5 +161,5 @@ def test_evaluate_prints_json_last(one_epoch_run):
                              "--data-root", default_data_root()], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(report) == {"accuracy", "loss", "n"} and report["n"] == 4001
+    assert set(report) == {"accuracy", "loss", "n"} and report["n"] == len(list_samples(default_data_root(), "test"))
     assert 0 <= report["accuracy"] <= 1
