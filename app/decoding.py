@@ -42,6 +42,10 @@ class DecodeBudget:
         self.peak = 0  # the most ever decoded at once (for tests and the metrics)
         self._changed: asyncio.Condition | None = None
 
+    def reset_peak(self) -> None:
+        """Count the peak from now on (what is being decoded now is its floor)."""
+        self.peak = self.used
+
     def check_request(self, costs: Sequence[int]) -> None:
         total = sum(costs)
         if total > self.per_request:

@@ -22,8 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from bench.harness import free_port
-from helpers import encode
+from helpers import encode, free_port
 from models.checkpoint import served_checkpoints
 from models.paths import DEFAULT_CHECKPOINT_DIR, PROJECT_ROOT as ROOT
 

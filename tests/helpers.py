@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
+import os
+import socket
 import struct
 import zlib
+from pathlib import Path
 
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,3 +46,39 @@ def samples(metrics_text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 def value(metrics: dict, name: str, **labels: str) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def forward_workers(server) -> list[int]:
+    """A live server's forward worker processes: its descendants running multiprocessing's spawn_main
+    (its resource tracker runs something else)."""
+    from bench.harness import descendants
+
+    pids = []
+    for pid in descendants(server.process.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            pids.append(pid)
+    return sorted(pids)
+
+
+# Ports for the servers tests start: below Linux's ephemeral range (32768+), so no connection the
+# kernel numbers itself takes one, and a disjoint block per pytest-xdist worker, so two workers never
+# hand out the same port between its check and the server's bind.
+_PORT_BLOCK = 1000
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+_ports = itertools.count(20000 + _PORT_BLOCK * (int(_worker) if _worker.isdigit() else 0))
+
+
+def free_port() -> int:
+    """A loopback port that is free now and that no other test process hands out."""
+    for port in _ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")

@@ -20,9 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.harness import free_port
 from conftest import start_server
-from helpers import files
+from helpers import files, free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

@@ -15,41 +15,44 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.harness import descendants
 from conftest import LiveServer, start_server
-from helpers import files, samples, value
+from helpers import files, forward_workers, samples, value
 
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S, SHUTDOWN_TIMEOUT_S, WORKER_TIMEOUT_S = 2, 4, 3, 10
 
 
+def start_fault_server(cnn_snapshot, folder) -> LiveServer:
+    return start_server(cnn_snapshot, folder / "server.log", device="cpu",
+                        worker_processes="true", instances=2, warmup="false",
+                        header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S,
+                        shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, worker_timeout_s=WORKER_TIMEOUT_S)
+
+
 @pytest.fixture(scope="module")
 def live(cnn_snapshot, tmp_path_factory) -> LiveServer:
-    server = start_server(cnn_snapshot, tmp_path_factory.mktemp("faults") / "server.log", device="cpu",
-                          worker_processes="true", instances=2, warmup="false",
-                          header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S,
-                          shutdown_timeout_s=SHUTDOWN_TIMEOUT_S, worker_timeout_s=WORKER_TIMEOUT_S)
+    server = start_fault_server(cnn_snapshot, tmp_path_factory.mktemp("faults"))
     yield server
     server.stop()
+
+
+def wait_until_exited(pid: int, seconds: float = 30) -> None:
+    """Until `pid` has exited (gone, or a zombie its parent has not reaped yet)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still running after {seconds} s")
 
 
 def address(server: LiveServer) -> tuple[str, int]:
     host, port = server.url.removeprefix("http://").split(":")
     return host, int(port)
-
-
-def forward_workers(server: LiveServer) -> list[int]:
-    """The forward worker processes: spawned children running multiprocessing's spawn_main."""
-    pids = []
-    for pid in descendants(server.process.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"spawn_main" in cmdline:
-            pids.append(pid)
-    return sorted(pids)
 
 
 def trickle(sockets: list[socket.socket], payload: bytes, seconds: float) -> dict[int, tuple[float, bytes]]:
@@ -158,7 +161,7 @@ def test_a_worker_that_died_while_idle_costs_no_request(live, sign_png):
         workers = forward_workers(live)
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
-        time.sleep(0.2)
+        wait_until_exited(workers[0])
         statuses = [client.post("/v1/predict", files=files(("a.png", sign_png))).status_code for _ in range(6)]
         assert statuses == [200] * 6, statuses
         wait_for_full_capacity(client)
@@ -211,7 +214,8 @@ def test_a_stopped_worker_is_replaced_and_its_requests_answered(live, sign_png):
     assert "did not answer within" in live.log()
 
 
-def test_shutdown_is_bounded_with_clients_still_sending(live):
+def test_shutdown_is_bounded_with_clients_still_sending(cnn_snapshot, tmp_path):
+    live = start_fault_server(cnn_snapshot, tmp_path)  # its own: this test ends the server
     head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: 1000\r\n\r\n")
     sockets = connect(live, 10)
@@ -229,3 +233,4 @@ def test_shutdown_is_bounded_with_clients_still_sending(live):
     finally:
         for sock in sockets:
             sock.close()
+        live.stop()

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.harness import descendants
 from conftest import start_server
-from helpers import files
+from helpers import files, forward_workers
 
 
 def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
@@ -63,13 +62,9 @@ def process_server(cnn_snapshot, tmp_path_factory):
 
 
 def test_a_killed_worker_is_replaced(process_server, sign_png):
-    workers = descendants(process_server.process.pid)
-    assert len(workers) >= 2, workers  # the two forward workers (plus multiprocessing's resource tracker)
     with process_server.client() as client:
         assert client.post("/v1/predict", files=files(("a.png", sign_png))).status_code == 200
-        # which children are forward workers: the ones that hold the model (big resident memory)
-        forward = [pid for pid in workers
-                   if int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") > 100e6]
+        forward = forward_workers(process_server)
         assert len(forward) == 2, forward
         os.kill(forward[0], signal.SIGKILL)
         statuses = []
