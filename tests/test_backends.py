@@ -20,7 +20,7 @@ from models.backends import (BACKENDS, PROBABILITY_TOLERANCE, TORCH_FP32, Backen
                              load_forward, output_parity, select, torch_forward)
 from models.calibration import CalibratedClassifier
 from models.checkpoint import load_checkpoint
-from models.export import InputSpec, read_metadata
+from models.export import CALIBRATION_IMAGES, InputSpec, read_metadata
 from models.preprocessing import Preprocessing, normalize
 from training.data import default_data_root
 
@@ -431,7 +431,7 @@ def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkp
     from models.backends import MAX_ACCURACY_DROP
 
     loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=500, accuracy=True, int8=True)
-    assert sum(len(b) for b in job.calibration()) == 512 and job.int8
+    assert sum(len(b) for b in job.calibration()) == CALIBRATION_IMAGES and job.int8
     forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job,
                              request="onnxruntime-int8", threads=1)
     figures = record.parity["onnxruntime-int8"]

@@ -5,13 +5,14 @@ import sys
 
 import torch
 
-from models.paths import DEFAULT_CHECKPOINT_DIR as CHECKPOINT_DIR, PROJECT_ROOT as ROOT
+from models.paths import PROJECT_ROOT as ROOT
+from models.architectures import classifier_head
 from models.checkpoint import atomic_save, load_checkpoint, safe_load
 from training.data import default_data_root
 
 
-def test_calibrate_writes_the_calibration_into_an_uncalibrated_checkpoint(tmp_path):
-    ckpt = safe_load(CHECKPOINT_DIR / "cnn.pt")
+def test_calibrate_writes_the_calibration_into_an_uncalibrated_checkpoint(tmp_path, checkpoint_snapshot):
+    ckpt = safe_load(checkpoint_snapshot / "cnn.pt")
     ckpt.pop("calibration", None)
     ckpt.pop("ensemble", None)
     path = tmp_path / "cnn.pt"
@@ -27,7 +28,8 @@ def test_calibrate_writes_the_calibration_into_an_uncalibrated_checkpoint(tmp_pa
     loaded = load_checkpoint(path)
     c = loaded.calibration
     assert 0 < c.temperature < 1  # label smoothing left the cnn under-confident
-    assert c.gate_weight is not None and c.gate_weight.shape == (2048,)
+    features = classifier_head(loaded.model).in_features  # the gate reads the penultimate features
+    assert c.gate_weight is not None and c.gate_weight.shape == (features,)
     after, before = c.report["after"], c.report["before"]
     assert after["test"]["ece"] < before["test"]["ece"] and after["test"]["nll"] < before["test"]["nll"]
     assert after["background_validation"]["rejected"] >= 0.95

@@ -125,7 +125,7 @@ def train_detector(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path):
+def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path, checkpoint_snapshot):
     out = tmp_path / "detector.pt"
     first = train_detector("--epochs", "2", "--output", str(out), "--stop-after-epochs", "1")
     assert first.returncode == 99, first.stderr  # stopped as if preempted, resumable
@@ -143,7 +143,7 @@ def test_detector_trains_logs_stops_resumes_and_evaluates(tmp_path):
     assert 0 < loaded.inference["score_threshold"] < 1
 
     report = subprocess.run([sys.executable, "-m", "training.evaluate_detection", "--checkpoint", str(out),
-                             "--classifier", str(ROOT / "models" / "checkpoints" / "cnn.pt"),
+                             "--classifier", str(checkpoint_snapshot / "cnn.pt"),
                              "--data-root", default_data_root(), "--frames", "val", "--max-frames", "12",
                              "--choose-threshold"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -178,10 +178,10 @@ def test_scene_decoding_keeps_a_photo_that_needs_no_change_usable():
     assert image_to_uint8(decoded.image, Preprocessing(input_size=1360, resize="fit")).shape == (3, 800, 1360)
 
 
-def test_flip_test_sees_a_mirrored_frame_as_the_mirror_of_the_frame():
+def test_flip_test_sees_a_mirrored_frame_as_the_mirror_of_the_frame(checkpoint_snapshot):
     """Averaging each frame with its mirror makes the heat maps mirror-symmetric: a real frame and its
     mirror image get the same scores, at mirrored places (offsets come from each frame's own look)."""
-    shipped = load_checkpoint(ROOT / "models" / "checkpoints" / "detector.pt")
+    shipped = load_checkpoint(checkpoint_snapshot / "detector.pt")
     frame = next(f for f in split_frames(read_ground_truth(default_data_root()), "val") if f.signs)
     with Image.open(Path(default_data_root()) / "gtsdb" / "images" / frame.name) as image:
         pixels = image_to_uint8(image.convert("RGB"), shipped.preprocessing)[:, :, :1344]  # no padding needed

@@ -98,7 +98,8 @@ def test_clients_slow_to_send_headers_are_cut_off(live, sign_png):
         for sock in sockets:
             sock.close()
     assert len(closed) == 20, f"{20 - len(closed)} slow clients still connected after 20 s"
-    assert all(seconds < HEADER_TIMEOUT_S + 4 for seconds, _ in closed.values()), closed
+    # cut off by the header timeout, long before they would have finished (slack for a busy runner)
+    assert all(seconds < 20 / 2 for seconds, _ in closed.values()), closed
     assert all(answer.startswith(b"HTTP/1.1 408") for _, answer in closed.values()), closed
 
 
@@ -124,7 +125,7 @@ def test_clients_slow_to_send_the_body_get_408(live):
         for sock in sockets:
             sock.close()
     assert len(closed) == 20, f"{20 - len(closed)} slow clients still connected after 25 s"
-    assert all(seconds < BODY_TIMEOUT_S + 5 for seconds, _ in closed.values()), closed
+    assert all(seconds < 25 / 2 for seconds, _ in closed.values()), closed
     assert all(answer.startswith(b"HTTP/1.1 408") and b"not received within" in answer
                for _, answer in closed.values()), closed
 
@@ -140,14 +141,19 @@ def test_a_client_disconnecting_mid_upload_is_counted_as_such(live, declared):
     for _ in range(3):
         [sock] = connect(live, 1)
         sock.sendall(head + b"\0" * 100_000)
-        time.sleep(0.3)
+        time.sleep(0.3)  # part of the body is on its way: the upload has begun
         sock.close()
-    time.sleep(1.0)
-    with live.client() as client:
-        after = samples(client.get("/metrics").text)
     labels = {"method": "POST", "route": "/v1/predict"}
-    assert value(after, "signserve_http_requests_total", **labels, status="499") - \
-        value(before, "signserve_http_requests_total", **labels, status="499") == 3
+    deadline = time.monotonic() + 30
+    with live.client() as client:
+        while True:  # the server notices each disconnect when it next reads
+            after = samples(client.get("/metrics").text)
+            counted = value(after, "signserve_http_requests_total", **labels, status="499") - \
+                value(before, "signserve_http_requests_total", **labels, status="499")
+            if counted >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert counted == 3
     assert value(after, "signserve_http_requests_total", **labels, status="500") == \
         value(before, "signserve_http_requests_total", **labels, status="500")
     log = live.log()[log_before:]

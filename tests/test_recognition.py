@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.paths import DEFAULT_CHECKPOINT_DIR as CHECKPOINT_DIR
 from helpers import encode, files
 from models.calibration import Calibration, expected_calibration_error
 from models.checkpoint import load_checkpoint
@@ -80,8 +79,8 @@ def test_models_list_the_ensemble_with_its_accuracy_and_every_calibration(client
 
 
 @pytest.mark.parametrize("name,n", [("cnn", 4001), ("resnet18", 1000)])
-def test_calibration_lowers_the_ece_on_real_test_images(name, n):
-    loaded = load_checkpoint(CHECKPOINT_DIR / f"{name}.pt")
+def test_calibration_lowers_the_ece_on_real_test_images(name, n, checkpoint_snapshot):
+    loaded = load_checkpoint(checkpoint_snapshot / f"{name}.pt")
     test = load_split(default_data_root(), "test", loaded.preprocessing).subset(n, seed=0)
     logits, _ = logits_and_features(loaded, test.images)
     before = expected_calibration_error(Calibration().probabilities(logits), test.labels)

@@ -14,6 +14,7 @@ import torch
 
 from conftest import start_server
 from helpers import files, forward_workers
+from models.checkpoint import load_checkpoint
 
 
 def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
@@ -97,14 +98,18 @@ def test_closing_while_a_replacement_loads_does_not_wait_for_it(checkpoint_snaps
     started = time.monotonic()
     pool.start()
     load_s = time.monotonic() - started  # what a replacement's start takes too
-    batch = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    side = load_checkpoint(checkpoint_snapshot / "cnn.pt").preprocessing.input_size
+    batch = torch.zeros(1, 3, side, side, dtype=torch.uint8)
 
     async def kill_then_close() -> float:
         await pool.forward("cnn")(batch)
         os.kill(pool._all[0].process.pid, signal.SIGKILL)
         with pytest.raises(WorkerDied):
             await pool.forward("cnn")(batch)  # the death is noticed, the replacement is started
-        await asyncio.sleep(0.5)  # and is loading now
+        deadline = time.monotonic() + 30
+        while not any(p.name == "signserve-forward" and p.is_alive() for p in multiprocessing.active_children()):
+            assert time.monotonic() < deadline, "no replacement worker started"
+            await asyncio.sleep(0.01)  # until the replacement is loading
         closing = time.monotonic()
         await pool.close()
         return closing
