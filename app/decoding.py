@@ -50,7 +50,8 @@ class DecodeBudget:
         total = sum(costs)
         if total > self.per_request:
             raise ImageRejected(413, f"the images of this request decode to {total:,} pixels, above the "
-                                     f"limit of {self.per_request:,} per request (send fewer or smaller images)")
+                                     f"limit of {self.per_request:,} per request (send fewer or smaller images; "
+                                     "a progressive JPEG counts its full size, however far it is reduced)")
 
     @asynccontextmanager
     async def reserve(self, pixels: int):
@@ -99,12 +100,12 @@ async def decode_uploads(uploads: Sequence[Upload], decoder: Decoder[T], budget:
     declared = [image.size for image in images]
     for image in images:
         decoder.reduce(image)
-    costs = [decoded_pixels(image) for image in images]
+    costs = [decoded_pixels(image, size) for image, size in zip(images, declared)]
     budget.check_request(costs)
     results: list[T | None] = [None] * len(images)
     slow = []
     for i, image in enumerate(images):
-        if decodes_inline(image):
+        if decodes_inline(costs[i]):
             results[i] = decoder.load(image, names[i], declared[i])
         else:
             slow.append(i)

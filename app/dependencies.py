@@ -6,6 +6,7 @@ pool, a thread hop per dependency per request, which costs more than the depende
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -41,13 +42,15 @@ ReadyService = Annotated[Service, Depends(get_ready_service)]
 Metrics = Annotated[ServiceMetrics, Depends(get_metrics)]
 
 
-def get_served_model(service: Service, name: str | None) -> ServedModel:
-    """`name`, or the best model when None; 404 naming the models that exist."""
-    name = name or service.best()
-    try:
-        return service.models[name]
-    except KeyError:
-        raise HTTPException(404, f"unknown model {name!r}; available: {', '.join(service.models)}") from None
+def get_served_model(service: Service, name: str | None, accepts: Callable[[ServedModel], bool] = lambda m: True,
+                     role: str = "model") -> ServedModel:
+    """`name`, or the best model that `accepts` takes when None; 404 naming the models it would take."""
+    name = name or service.best(accepts)
+    served = service.models.get(name)
+    if served is None or not accepts(served):
+        available = [n for n, m in service.models.items() if accepts(m)]
+        raise HTTPException(404, f"unknown {role} {name!r}; available: {', '.join(available) or 'none'}")
+    return served
 
 
 async def get_loaded_model(name: str, service: ReadyService) -> LoadedModel:

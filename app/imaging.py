@@ -5,8 +5,9 @@ Decoding happens in steps so the caller can check the cost, and decide where the
 1. `open_image` reads only the header: the format and the declared size (refused above `max_pixels`).
 2. A decoder's `reduce` asks the codec for a smaller image where the format allows it (JPEG decodes
    at 1/2, 1/4 or 1/8 scale for almost nothing); still no pixel is decoded. `decoded_pixels` then
-   tells exactly how many pixels decoding will materialise: the figure the pixel budget counts
-   (app.decoding).
+   tells what decoding will cost in pixels' worth of memory, the figure the pixel budget counts
+   (app.decoding): the pixels it materialises, and for a progressive JPEG its full-size coefficient
+   arrays too (libjpeg holds them however far the image is reduced).
 3. A decoder's `load` decodes, applies the EXIF orientation and produces what its model takes.
 
 Two decoders: `InputDecoder` (a classifier's fixed-size uint8 input, the shared preprocessing of
@@ -80,13 +81,30 @@ def open_image(data: bytes | bytearray, name: str, max_pixels: int = DEFAULT_MAX
     return image
 
 
-def decoded_pixels(image: Image.Image) -> int:
-    """Pixels that decoding `image` will materialise (after any reduction `reduce` asked for)."""
-    return image.width * image.height
+# A progressive JPEG is decoded in passes over its whole coefficient arrays, which libjpeg keeps at the
+# full declared size whatever the DCT scaling: 2 bytes per coefficient, one coefficient per pixel and
+# component (no credit for chroma subsampling), against the 3 bytes of a decoded RGB pixel.
+COEFFICIENT_BYTES, RGB_BYTES = 2, 3
 
 
-def decodes_inline(image: Image.Image) -> bool:
-    return decoded_pixels(image) <= INLINE_DECODE_PIXELS
+def is_progressive(image: Image.Image) -> bool:
+    return image.format == "JPEG" and bool(image.info.get("progressive") or image.info.get("progression"))
+
+
+def decoded_pixels(image: Image.Image, declared_size: tuple[int, int] | None = None) -> int:
+    """What decoding `image` costs, in RGB pixels' worth of memory: the pixels it will materialise
+    (after any reduction `reduce` asked for), plus for a progressive JPEG its coefficient arrays at
+    the declared size (the header's, before reduction; default: the image's size now)."""
+    cost = image.width * image.height
+    if is_progressive(image):
+        width, height = declared_size or image.size
+        components = len(image.mode) if image.mode in ("L", "RGB", "CMYK", "YCbCr") else 3
+        cost += -(-width * height * components * COEFFICIENT_BYTES // RGB_BYTES)
+    return cost
+
+
+def decodes_inline(cost: int) -> bool:
+    return cost <= INLINE_DECODE_PIXELS
 
 
 def draft_to(image: Image.Image, min_width: int, min_height: int) -> None:

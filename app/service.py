@@ -11,6 +11,7 @@ import gc
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,15 +134,16 @@ class Service:
     def skipped(self) -> list[SkippedCheckpoint]:
         return [SkippedCheckpoint(file=file, reason=reason) for file, reason in self.load_errors.items()]
 
-    def best(self) -> str | None:
-        """The default for /v1/predict: the ensemble when it beat each of its members on validation
-        data (training.calibrate decides), else the classifier with the highest final test accuracy."""
+    def best(self, accepts: Callable[[ServedModel], bool] = lambda m: True) -> str | None:
+        """The default for /v1/predict (among the models `accepts` takes): the ensemble when it beat
+        each of its members on validation data (training.calibrate decides), else the classifier with
+        the highest final test accuracy."""
         ensemble = self.models.get(ENSEMBLE_NAME)
         if ensemble is not None and ensemble.loaded.ensemble is not None and \
-                ensemble.loaded.ensemble.report.get("default"):
+                ensemble.loaded.ensemble.report.get("default") and accepts(ensemble):
             return ENSEMBLE_NAME
         classifiers = [n for n, m in self.models.items()
-                       if m.loaded.architecture not in ("detector", ENSEMBLE_NAME)]
+                       if m.loaded.architecture not in ("detector", ENSEMBLE_NAME) and accepts(m)]
         if not classifiers:
             return None
         return max(classifiers, key=lambda n: self.models[n].loaded.test_accuracy or 0.0)

@@ -75,6 +75,15 @@ def test_malformed_bodies_and_files(client, frames):
     expect(client.post("/v1/detect", files=files(("notes.txt", b"no pixels here"))), 422, "notes.txt")
 
 
+def test_an_unknown_classifier_is_a_404_listing_only_those_that_name_boxes(client, frames):
+    name, data, _ = frames[0]
+    response = client.post("/v1/detect", files=files((name, data)), params={"classifier": "vgg99"})
+    expect(response, 404, "vgg99", "available: cnn")
+    assert "detector" not in response.json()["detail"]
+    expect(client.post("/v1/detect", files=files((name, data)), params={"classifier": "detector"}), 422,
+           "cannot name boxes", "cnn")
+
+
 def test_size_count_and_pixel_limits_are_413s(client, frames):
     name, data, _ = frames[0]
     expect(client.post("/v1/detect", files=files(*[(f"{i}.jpg", data) for i in range(13)])), 413, "12")

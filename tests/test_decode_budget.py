@@ -102,3 +102,39 @@ def test_large_decodes_at_once_stay_within_the_process_budget(cnn_snapshot):
         assert statuses == [200] * 4
         assert budget(client).peak == 36_000_000
         assert budget(client).used == 0
+
+
+def progressive_and_baseline(width: int, height: int) -> tuple[bytes, bytes]:
+    """The same noisy photo as a progressive and as a baseline JPEG (noise: real coefficients to hold)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
+    return (encode(image, "JPEG", quality=80, progressive=True), encode(image, "JPEG", quality=80))
+
+
+def test_a_progressive_jpeg_is_charged_its_full_size_coefficients():
+    progressive, baseline = progressive_and_baseline(4000, 3000)
+    costs = {}
+    for name, data in (("progressive", progressive), ("baseline", baseline)):
+        image = open_image(data, f"{name}.jpg")
+        declared = image.size
+        SceneDecoder(1360).reduce(image)
+        assert image.size == (2000, 1500)  # both reduced while decoded (DCT scaling to 1/2)
+        costs[name] = decoded_pixels(image, declared)
+    assert costs["baseline"] == 2000 * 1500
+    # plus 12 Mpx x 3 components x 2 bytes of coefficients, in 3-byte RGB pixels
+    assert costs["progressive"] == 2000 * 1500 + 4000 * 3000 * 2
+
+
+def test_progressive_jpegs_cannot_slip_past_the_request_budget(cnn_snapshot):
+    """Each would count 1.7 Mpx reduced; held as coefficients it costs 12 Mpx more than that."""
+    progressive, baseline = progressive_and_baseline(2400, 2400)
+    with app_client(cnn_snapshot, max_request_pixels=20_000_000) as client:
+        for data in (progressive, baseline):  # one of either fits
+            assert client.post("/v1/predict", files=files(("one.jpg", data))).status_code == 200
+        four = client.post("/v1/predict", files=files(*[(f"{i}.jpg", progressive) for i in range(4)]))
+        assert four.status_code == 413 and "progressive" in four.json()["detail"], four.text
+        budget(client).reset_peak()
+        assert client.post("/v1/predict", files=files(*[(f"{i}.jpg", baseline) for i in range(4)])).status_code == 200
+        assert budget(client).peak <= 4 * 300 * 300  # baseline JPEGs are charged their 1/8-scale decode

@@ -33,6 +33,11 @@ def get_detector(service: Service) -> ServedModel:
     return detectors[0]
 
 
+def names_boxes(served: ServedModel) -> bool:
+    """A classifier with a batcher of its own (the ensemble runs through its members' batchers)."""
+    return served.batcher is not None and served.loaded.architecture != "detector"
+
+
 async def submit(served: ServedModel, images: list, service: Service, deadline: float) -> list:
     """Queue images on a model's batcher and wait for their results, in chunks of a quarter of its queue:
     the boxes of many frames can outnumber the whole queue (thousands at a low min_score), and a
@@ -78,12 +83,11 @@ async def detect(request: Request) -> DetectResponse:
     query = parse_query(request, DetectQuery)
     service = require_ready(request.app.state.service)
     detector = get_detector(service)
-    classifier = get_served_model(service, query.classifier)
-    if classifier.loaded.architecture == "detector":
-        raise HTTPException(422, f"{classifier.loaded.name!r} is a detector; classifier= takes a classifier")
-    if classifier.batcher is None:  # the ensemble runs through its members' batchers
-        raise HTTPException(422, f"{classifier.loaded.name!r} cannot name boxes yet; classifier= takes one of "
-                                 f"{', '.join(r.loaded.name for r in classifier.runners)}")
+    namers = [n for n, m in service.models.items() if names_boxes(m)]
+    if query.classifier in service.models and not names_boxes(service.models[query.classifier]):
+        raise HTTPException(422, f"{query.classifier!r} cannot name boxes; classifier= takes one of "
+                                 f"{', '.join(namers)}")
+    classifier = get_served_model(service, query.classifier, names_boxes, role="classifier")
     settings, pre = service.settings, detector.loaded.preprocessing
     min_score = query.min_score if query.min_score is not None else \
         detector.loaded.inference.get("score_threshold", 0.3)
