@@ -243,6 +243,15 @@ class Service:
                  backend.label, " (cached choice)" if backend.cached else f" (chosen in {backend.selected_in_s} s)",
                  backend.reason, backend.images_per_s or "-", backend.rejected or "-", backend.test_accuracy or "-")
 
+    def running_backends(self, name: str) -> list[str]:
+        """What really runs model `name`'s forwards: each worker's report, or this process's handler."""
+        served = self.models.get(name)
+        if served is None or served.batcher is None:
+            return []
+        if self.workers is not None:
+            return self.workers.backends(name)
+        return [served.predictor.backend] if served.predictor is not None else []
+
     def forward_path(self, name: str, predictor: Predictor | DetectorPredictor | None) -> ForwardFn:
         """What the batcher calls with each batch of model `name` (uint8 images -> per image, the
         handler's answer: a classifier's class ids and probabilities, most probable first, or the

@@ -72,7 +72,8 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", None))
+    # what each model really runs here: the chosen runtime, or torch fp32 where its file could not be used
+    conn.send(("ready", {name: predictor.backend for name, predictor in predictors.items()}))
     with torch.inference_mode():
         while True:
             try:
@@ -113,6 +114,7 @@ _FRAME = struct.Struct("!i")
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection  # blocking: the start-up handshake and the stop message
+    runs: dict[str, str] = field(default_factory=dict)  # model name -> the backend label it runs
     reader: asyncio.StreamReader | None = None  # the same socket on the event loop, opened at first use
     writer: asyncio.StreamWriter | None = None
 
@@ -163,6 +165,10 @@ class WorkerPool:
         """Workers alive and answering (not counting replacements still loading)."""
         return len(self._all)
 
+    def backends(self, name: str) -> list[str]:
+        """What each running worker runs model `name` on, as it reported when it loaded."""
+        return [worker.runs.get(name, "?") for worker in self._all]
+
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=_serve, args=(child, self.config), name="signserve-forward",
@@ -183,6 +189,7 @@ class WorkerPool:
             raise WorkerDied(f"forward worker exited with {worker.process.exitcode} while loading") from None
         if status != "ready":
             raise WorkerDied(f"forward worker could not load the models: {detail}")
+        worker.runs = detail
 
     def _start_one(self) -> _Worker:
         worker = self._spawn()

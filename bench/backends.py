@@ -19,8 +19,8 @@ import torch
 from app.engine import choose_backend, classifier_job, select_device
 from app.service import execution_plan
 from app.settings import Settings
-from models.backends import (BackendRecord, Candidate, build_forward, candidates, cpu_flags, export_candidate,
-                             images_per_second)
+from models.backends import (BackendRecord, Candidate, artifact_digest, build_forward, candidates, cpu_flags,
+                             export_candidate, images_per_second)
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
 from models.calibration import CalibratedClassifier
 
@@ -54,7 +54,8 @@ def backend_rates(loaded: LoadedModel, settings: Settings, threads: int, seconds
 
 
 def _record(candidate: Candidate, artifact: str | None) -> BackendRecord:
-    return BackendRecord(candidate.backend, candidate.precision, artifact)
+    return BackendRecord(candidate.backend, candidate.precision, artifact,
+                         artifact_digest(artifact) if artifact else None)
 
 
 def main() -> None:

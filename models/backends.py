@@ -75,6 +75,7 @@ class BackendRecord:
     backend: str
     precision: str
     artifact: str | None = None  # the exported file it runs (None for torch)
+    artifact_sha256: str | None = None  # its digest when it was chosen: nothing else is ever loaded
     reason: str = ""  # why this candidate: fastest passing parity, or why it fell back
     threads: int = 1  # intra-op threads per forward the choice was measured with
     images_per_s: dict[str, float] = field(default_factory=dict)  # candidate label -> bare forward, one run
@@ -337,16 +338,31 @@ def openvino_forward(path: str | os.PathLike, threads: int, precision: str) -> F
     return forward
 
 
+def artifact_digest(path: str | os.PathLike) -> str:
+    """sha256 of an exported model: the file, and for OpenVINO's .xml the .bin of weights beside it."""
+    h = hashlib.sha256()
+    files = [Path(path)] + ([Path(path).with_suffix(".bin")] if Path(path).suffix == ".xml" else [])
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def build_forward(record: BackendRecord, module: nn.Module, device: torch.device, threads: int,
                   channels_last: bool = True) -> Forward:
-    """The forward a record describes. Raises when the
-    runtime or the artifact is unusable; `load_forward` is the variant that falls back instead."""
+    """The forward a record describes. Raises when the runtime or the artifact is unusable, and when
+    the artifact is not byte for byte the file that passed parity when the record was made (changed
+    on disk, truncated, replaced); `load_forward` is the variant that falls back instead."""
     backend, precision = record.backend, record.precision
     if backend == "torch":
         return torch_forward(module, device, precision, channels_last)
     artifact = record.artifact
     if not artifact or not Path(artifact).is_file():
         raise FileNotFoundError(f"{backend} model file {artifact} is missing")
+    if record.artifact_sha256 is None or artifact_digest(artifact) != record.artifact_sha256:
+        raise ValueError(f"{backend} model file {artifact} is not the file chosen (its sha256 differs from "
+                         "the one recorded when it passed parity)")
     if backend == "onnxruntime":
         return onnxruntime_forward(artifact, threads)
     if backend == "openvino":
@@ -454,12 +470,13 @@ def _run_all(forward: Forward, batches: list[torch.Tensor], threads: int) -> lis
 
 
 def _candidate_forward(candidate: Candidate, module: nn.Module, job: Job, device: torch.device,
-                       threads: int) -> tuple[Forward, str | None]:
+                       threads: int) -> tuple[Forward, BackendRecord]:
     if installed(candidate.backend) is None:
         raise ImportError(f"{candidate.backend} is not installed")
     artifact = None if candidate.backend == "torch" else export_candidate(candidate, module, job)
-    record = BackendRecord(candidate.backend, candidate.precision, artifact)
-    return build_forward(record, module, device, threads), artifact
+    record = BackendRecord(candidate.backend, candidate.precision, artifact,
+                           artifact_digest(artifact) if artifact else None)
+    return build_forward(record, module, device, threads), record
 
 
 def select(module: nn.Module, job: Job, *, request: str = "auto", device: torch.device = torch.device("cpu"),
@@ -479,8 +496,11 @@ def select(module: nn.Module, job: Job, *, request: str = "auto", device: torch.
     if device.type == "cpu":  # a CUDA choice is not measured, nothing to keep
         try:
             record_path.parent.mkdir(parents=True, exist_ok=True)
+            saved = record.to_dict()
+            if record.artifact:  # relative to the record: a copied or moved cache still holds its files
+                saved["artifact"] = Path(record.artifact).relative_to(record_path.parent).as_posix()
             tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+            tmp.write_text(json.dumps(saved, indent=2) + "\n")
             os.replace(tmp, record_path)
         except OSError as exc:
             log.warning("%s: the backend choice is not cached (%s); the next start chooses again", job.name, exc)
@@ -495,6 +515,12 @@ def _load_cached(path: Path, module: nn.Module, job: Job, device: torch.device,
         return None
     try:
         record = BackendRecord.from_dict(json.loads(path.read_text()))
+        if record.artifact:
+            folder = path.parent.resolve()
+            artifact = (folder / record.artifact).resolve()
+            if Path(record.artifact).is_absolute() or not artifact.is_relative_to(folder):
+                raise ValueError(f"its model file {record.artifact} is outside the cache folder {folder}")
+            record.artifact = str(artifact)
         forward = build_forward(record, module, device, threads)
         if record.backend != "torch" and job.parity_batches:
             batch = job.parity_batches[:1]
@@ -512,7 +538,7 @@ def _load_cached(path: Path, module: nn.Module, job: Job, device: torch.device,
     return forward, record
 
 
-def _fastest(passing: dict[str, tuple[Candidate, Forward, str | None]], rates: dict[str, float], request: str,
+def _fastest(passing: dict[str, tuple[Candidate, Forward, BackendRecord]], rates: dict[str, float], request: str,
              record: BackendRecord) -> str:
     """The label to serve among the passing candidates: for `auto` the fastest, if it beats torch fp32
     by MIN_SPEEDUP; for an explicit runtime its fastest passing variant, however fast; else torch fp32."""
@@ -545,12 +571,12 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
     if not job.int8 and request in ("auto", "onnxruntime", "onnxruntime-int8"):
         record.rejected["onnxruntime-int8"] = "not tried: no calibration images and held-out accuracy to hold it to"
     reference = _run_all(torch_forward(module, device), job.parity_batches, threads)
-    passing: dict[str, tuple[Candidate, Forward, str | None]] = {}
+    passing: dict[str, tuple[Candidate, Forward, BackendRecord]] = {}
     for candidate in tried:
         try:
-            forward, artifact = _candidate_forward(candidate, module, job, device, threads)
+            forward, built = _candidate_forward(candidate, module, job, device, threads)
             if candidate == TORCH_FP32:
-                passing[candidate.label] = (candidate, forward, None)
+                passing[candidate.label] = (candidate, forward, built)
                 continue
             parity = job.parity(reference, _run_all(forward, job.parity_batches, threads), candidate.precision)
         except Exception as exc:
@@ -558,7 +584,7 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
             continue
         record.parity[candidate.label] = parity.figures
         if parity.ok:
-            passing[candidate.label] = (candidate, forward, artifact)
+            passing[candidate.label] = (candidate, forward, built)
         else:
             record.rejected[candidate.label] = f"parity: {parity.reason}"
     record.images_per_s = {label: round(rate, 1) for label, rate in images_per_second(
@@ -567,7 +593,7 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
     rates = record.images_per_s
     while True:
         best = _fastest(passing, rates, request, record)
-        candidate, forward, artifact = passing[best]
+        candidate, forward, built = passing[best]
         if candidate.precision != "int8":
             break
         # int8 may move a few borderline images: it is served only if the whole test split says so
@@ -584,7 +610,8 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
     for label in passing:
         if label != best and label not in record.rejected:
             record.rejected[label] = f"slower ({rates[label]:.3g} images/s against {rates[best]:.3g})"
-    record.backend, record.precision, record.artifact = candidate.backend, candidate.precision, artifact
+    record.backend, record.precision = candidate.backend, candidate.precision
+    record.artifact, record.artifact_sha256 = built.artifact, built.artifact_sha256
     torch_rate = rates[TORCH_FP32.label]
     if best != TORCH_FP32.label:
         record.reason = (f"{'fastest' if request == 'auto' else 'requested, and'} passing parity: "

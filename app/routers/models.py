@@ -35,7 +35,7 @@ def calibration_info(m: LoadedModel) -> CalibrationInfo | None:
         background_rejected=background.get("rejected"), validation_accuracy=report.get("validation_accuracy"))
 
 
-def model_info(m: LoadedModel, backend: BackendRecord | None) -> ModelInfo:
+def model_info(m: LoadedModel, backend: BackendRecord | None, running: list[str]) -> ModelInfo:
     detector = m.architecture == "detector"
     validation = {k: v for k, v in m.metrics[-1].items() if k.startswith("val_")} if detector and m.metrics else None
     members = list(m.ensemble.members) if m.ensemble is not None and m.architecture == ENSEMBLE_NAME else None
@@ -43,24 +43,24 @@ def model_info(m: LoadedModel, backend: BackendRecord | None) -> ModelInfo:
                      parameters=m.parameters, input_size=m.preprocessing.input_size, test_accuracy=m.test_accuracy,
                      validation=validation, score_threshold=m.inference.get("score_threshold"),
                      epochs=len(m.metrics), start_weights=m.start_weights, checkpoint_sha256=m.sha256,
-                     device=str(m.device), backend=BackendInfo(**backend.to_dict()) if backend else None,
+                     device=str(m.device),
+                     backend=BackendInfo(**backend.to_dict(), running=running) if backend else None,
                      members=members, calibration=calibration_info(m))
 
 
-def _backend(service: Service, name: str) -> BackendRecord | None:
-    served = service.models.get(name)
-    return served.backend if served else None
 
 
 @router.get("", response_model=ModelList, summary="The served models")
 def list_models(service: ReadyService) -> ModelList:
-    return ModelList(models=[model_info(served.loaded, served.backend) for served in service.models.values()],
+    return ModelList(models=[model_info(served.loaded, served.backend, service.running_backends(name))
+                             for name, served in service.models.items()],
                      default=service.best(), skipped=service.skipped())
 
 
 @router.get("/{name}", response_model=ModelInfo, responses=NOT_FOUND, summary="One served model")
 def get_model(model: Model, service: ReadyService) -> ModelInfo:
-    return model_info(model, _backend(service, model.name))
+    served = service.models[model.name]
+    return model_info(model, served.backend, service.running_backends(model.name))
 
 
 @router.get("/{name}/metrics", response_model=TrainingMetrics, responses=NOT_FOUND,

@@ -19,6 +19,12 @@ class BackendInfo(BaseModel):
                                                              "split, measured when it was chosen (compare with "
                                                              "the model's test_accuracy from training)")
     cached: bool = Field(..., description="the choice was read from the cache, made at an earlier start")
+    running: list[str] = Field(..., description="what each forward worker (or this process) really runs, as "
+                                                "`backend-precision`: the chosen one, or torch-fp32 where its model "
+                                                "file could not be used (missing, or not the file chosen)")
+    artifact: str | None = Field(None, description="the exported model file chosen (None for torch)")
+    artifact_sha256: str | None = Field(None, description="its sha256 when it passed parity: a forward loads "
+                                                          "only a file with this digest")
 
 
 class CalibrationInfo(BaseModel):
