@@ -66,8 +66,8 @@ def export_int8(checkpoint: str | Path, data_root: str, out: str | Path | None =
                              checkpoint_metadata(loaded))
         quantize_onnx(source, path, calibration_batches(data_root, pre, CALIBRATION_IMAGES), checkpoint_metadata(loaded))
     test = load_split(data_root, "test", pre)
-    int8 = build_forward(BackendRecord("onnxruntime", "int8", str(path), artifact_digest(path)), loaded.model, torch.device("cpu"),
-                         torch.get_num_threads())
+    record = BackendRecord("onnxruntime", "int8", str(path), artifact_digest(path))
+    int8 = build_forward(record, loaded.model, torch.device("cpu"), torch.get_num_threads())
     return path, forward_accuracy(int8, test, pre), forward_accuracy(loaded.model.eval(), test, pre)
 
 
