@@ -5,6 +5,7 @@ bad bodies and files get their 4xx; a detector that is not served is a 404; the 
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
@@ -117,3 +118,20 @@ def test_an_image_that_decodes_is_answered_even_when_tiny(client):
     from PIL import Image
     response = client.post("/v1/detect", files=files(("dot.png", encode(Image.new("RGB", (1, 1)), "PNG"))))
     assert response.status_code == 200 and response.json()["results"][0]["signs"] == []
+
+
+def test_no_model_loaded_is_a_503_naming_why(tmp_path, frames):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    (tmp_path / "detector.pt").write_bytes(b"not a checkpoint")
+    name, data, _ = frames[0]
+    settings = Settings(checkpoint_dir=tmp_path, worker_processes=False, warmup=False, backend="torch")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 60
+        while "no model could be loaded" not in client.get("/readyz").text:  # the load has failed
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.05)
+        expect(client.post("/v1/detect", files=files((name, data))), 503, "no model could be loaded", "detector.pt")
