@@ -46,6 +46,8 @@ def get_served_model(service: Service, name: str | None, accepts: Callable[[Serv
                      role: str = "model") -> ServedModel:
     """`name`, or the best model that `accepts` takes when None; 404 naming the models it would take."""
     name = name or service.best(accepts)
+    if name is None:
+        raise HTTPException(404, f"no {role} is served")
     served = service.models.get(name)
     if served is None or not accepts(served):
         available = [n for n, m in service.models.items() if accepts(m)]

@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 from app.errors import Rejected
 from models.preprocessing import Preprocessing, image_to_uint8
@@ -82,13 +83,22 @@ def open_image(data: bytes | bytearray, name: str, max_pixels: int = DEFAULT_MAX
 
 
 # A progressive JPEG is decoded in passes over its whole coefficient arrays, which libjpeg keeps at the
-# full declared size whatever the DCT scaling: 2 bytes per coefficient, one coefficient per pixel and
-# component (no credit for chroma subsampling), against the 3 bytes of a decoded RGB pixel.
+# full declared size whatever the DCT scaling: 2 bytes per coefficient, one coefficient per sample of
+# each component (a subsampled chroma component has fewer), against the 3 bytes of a decoded RGB pixel.
 COEFFICIENT_BYTES, RGB_BYTES = 2, 3
 
 
 def is_progressive(image: Image.Image) -> bool:
-    return image.format == "JPEG" and bool(image.info.get("progressive") or image.info.get("progression"))
+    """A progressive JPEG (MPO files, phone photos with extra images, are JPEGs too)."""
+    return isinstance(image, JpegImageFile) and bool(image.info.get("progressive") or image.info.get("progression"))
+
+
+def coefficient_samples(image: Image.Image, width: int, height: int) -> int:
+    """Coefficients a JPEG of width x height holds: each component's samples, from its sampling
+    factors (Pillow's `layer`: id, horizontal, vertical, quantisation table); 3 full planes if unknown."""
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * 3
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    return sum(-(-width * layer[1] // h_max) * -(-height * layer[2] // v_max) for layer in layers)
 
 
 def decoded_pixels(image: Image.Image, declared_size: tuple[int, int] | None = None) -> int:
@@ -98,8 +108,7 @@ def decoded_pixels(image: Image.Image, declared_size: tuple[int, int] | None = N
     cost = image.width * image.height
     if is_progressive(image):
         width, height = declared_size or image.size
-        components = len(image.mode) if image.mode in ("L", "RGB", "CMYK", "YCbCr") else 3
-        cost += -(-width * height * components * COEFFICIENT_BYTES // RGB_BYTES)
+        cost += -(-coefficient_samples(image, width, height) * COEFFICIENT_BYTES // RGB_BYTES)
     return cost
 
 
@@ -110,7 +119,7 @@ def decodes_inline(cost: int) -> bool:
 def draft_to(image: Image.Image, min_width: int, min_height: int) -> None:
     """Let a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps it at least
     min_width x min_height; header-only, a no-op for other formats."""
-    if image.format == "JPEG" and image.width >= 2 * min_width and image.height >= 2 * min_height:
+    if isinstance(image, JpegImageFile) and image.width >= 2 * min_width and image.height >= 2 * min_height:
         image.draft("RGB", (min_width, min_height))
 
 

@@ -46,7 +46,9 @@ PRECISIONS = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"), "openv
 # bf16); `runtime-precision` asks for exactly that variant, on any CPU (bf16 is then emulated where
 # the CPU has none: slower, but the same parity rule), torch fp32 when it fails.
 REQUESTS = ("auto", *BACKENDS, *(f"{b}-{p}" for b, ps in PRECISIONS.items() for p in ps))
-RECORD_VERSION = 3  # 2: parity covers the sign probability; int8 candidates. 3: int8 recipe 2
+# 2: parity covers the sign probability; int8 candidates. 3: int8 recipe 2. 4: the artifact's digest,
+# its path relative to the record
+RECORD_VERSION = 4
 # A runtime other than torch must beat torch fp32 by this factor to be chosen: within the noise of one
 # measurement, the reference runtime wins.
 MIN_SPEEDUP = 1.05
@@ -322,7 +324,7 @@ def openvino_forward(path: str | os.PathLike, threads: int, precision: str) -> F
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
     compiled = ov.Core().compile_model(str(path), "CPU", config)
-    runs = "bf16" if "bf16" in str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() else "f32"
+    runs = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
     if (runs == "bf16") != (precision == "bf16"):  # OpenVINO quietly runs f32 where the CPU has no bf16
         raise RuntimeError(f"OpenVINO was asked for {precision} and runs {runs} on this CPU")
     names = [o.get_any_name() for o in compiled.outputs]

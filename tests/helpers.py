@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import random
 import socket
 import struct
 import zlib
@@ -64,21 +65,27 @@ def forward_workers(server) -> list[int]:
     return sorted(pids)
 
 
-# Ports for the servers tests start: below Linux's ephemeral range (32768+), so no connection the
-# kernel numbers itself takes one, and a disjoint block per pytest-xdist worker, so two workers never
-# hand out the same port between its check and the server's bind.
-_PORT_BLOCK = 1000
+# Ports for the servers tests start: 20000-32767, below Linux's ephemeral range, so no connection the
+# kernel numbers itself takes one; a disjoint block per pytest-xdist worker, so two workers never hand
+# out the same port between its check and the server's bind; a random start within the block, so a
+# second test run on the same machine is unlikely to race this one.
+_FIRST, _END = 20000, 32768
+_workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-_ports = itertools.count(20000 + _PORT_BLOCK * (int(_worker) if _worker.isdigit() else 0))
+_block = (_END - _FIRST) // _workers
+_base = _FIRST + _block * (int(_worker) % _workers if _worker.isdigit() else 0)
+_start = random.randrange(_block)
+_ports = itertools.cycle([_base + (_start + i) % _block for i in range(_block)])
 
 
 def free_port() -> int:
-    """A loopback port that is free now and that no other test process hands out."""
-    for port in _ports:
+    """A loopback port that is free now and that no other test process of this run hands out."""
+    for _ in range(_block):
+        port = next(_ports)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port")
+    raise RuntimeError(f"no free port in {_base}-{_base + _block - 1}")

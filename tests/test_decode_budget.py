@@ -123,12 +123,13 @@ def test_a_progressive_jpeg_is_charged_its_full_size_coefficients():
         assert image.size == (2000, 1500)  # both reduced while decoded (DCT scaling to 1/2)
         costs[name] = decoded_pixels(image, declared)
     assert costs["baseline"] == 2000 * 1500
-    # plus 12 Mpx x 3 components x 2 bytes of coefficients, in 3-byte RGB pixels
-    assert costs["progressive"] == 2000 * 1500 + 4000 * 3000 * 2
+    # plus its coefficients, 2 bytes each, in 3-byte RGB pixels: luma at 4000x3000 and two chroma planes
+    # at 2000x1500 (Pillow's default 4:2:0 subsampling at this quality)
+    assert costs["progressive"] == 2000 * 1500 + (4000 * 3000 + 2 * 2000 * 1500) * 2 // 3
 
 
 def test_progressive_jpegs_cannot_slip_past_the_request_budget(cnn_snapshot):
-    """Each would count 1.7 Mpx reduced; held as coefficients it costs 12 Mpx more than that."""
+    """Each decodes to 300x300 (1/8 scale); held as coefficients it costs 5.8 Mpx more than that."""
     progressive, baseline = progressive_and_baseline(2400, 2400)
     with app_client(cnn_snapshot, max_request_pixels=20_000_000) as client:
         for data in (progressive, baseline):  # one of either fits

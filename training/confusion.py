@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figure", type=Path, help="write the picture of the misclassified images here")
     parser.add_argument("--max-images", type=int, default=None, help="the first N test images only (smoke runs)")
     args = parser.parse_args(argv)
+    if args.max_images is not None and args.max_images < 1:
+        parser.error("--max-images must be at least 1")
 
     samples = list_samples(args.data_root, "test")[:args.max_images]
     results: dict[str, torch.Tensor] = {}

@@ -96,9 +96,11 @@ async def detect(request: Request) -> DetectResponse:
         # upright RGB, reduced while decoded to the detector's input (its longest side)
         scenes = await decode_uploads(uploads, SceneDecoder(pre.input_size), service.decode_budget,
                                       settings.max_image_pixels)
-        started = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
-        found = await submit(detector, [image_to_uint8(s.image, pre) for s in scenes], service, deadline)
+        frames = [image_to_uint8(s.image, pre) for s in scenes]
+    # no longer announced once its frames are ready: a batch must not wait for more of them
+    started = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    found = await submit(detector, frames, service, deadline)
     kept = [[f for f in frame_found if f[1] >= min_score] for frame_found in found]
     crops = [await run_in_threadpool(classifier_crops, scene.image, [f[0] for f in signs],
                                      classifier.loaded.preprocessing)

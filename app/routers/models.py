@@ -48,8 +48,6 @@ def model_info(m: LoadedModel, backend: BackendRecord | None, running: list[str]
                      members=members, calibration=calibration_info(m))
 
 
-
-
 @router.get("", response_model=ModelList, summary="The served models")
 def list_models(service: ReadyService) -> ModelList:
     return ModelList(models=[model_info(served.loaded, served.backend, service.running_backends(name))
