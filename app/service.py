@@ -70,11 +70,13 @@ def worker_pool(settings: Settings, plan: ExecutionPlan, device: torch.device, p
 DETECTOR_MAX_BATCH = 4
 
 
-def batching_for(model: LoadedModel, max_batch_size: int) -> dict:
-    """The batcher's per-kind settings: frames of unequal sizes are padded into one batch."""
+def batching_for(model: LoadedModel, max_batch_size: int, instances: int) -> dict:
+    """The batcher's per-kind settings. A detector's frames of unequal sizes are padded into one batch,
+    and its forwards (a second or more for a few frames) may hold all instances but one: the last is
+    left to the classifiers, whose batches take milliseconds and would otherwise queue behind frames."""
     if model.architecture != "detector":
-        return {"max_batch_size": max_batch_size}
-    return {"max_batch_size": min(max_batch_size, DETECTOR_MAX_BATCH),
+        return {"max_batch_size": max_batch_size, "instances": instances}
+    return {"max_batch_size": min(max_batch_size, DETECTOR_MAX_BATCH), "instances": max(1, instances - 1),
             "collate": lambda frames: pad_stack(frames, model.preprocessing)}
 
 
@@ -228,8 +230,8 @@ class Service:
                predictor: Predictor | DetectorPredictor | None, seconds: float) -> None:
         s, plan = self.settings, self.plan
         batcher = DynamicBatcher(self.forward_path(name, predictor), max_wait_s=s.max_wait_ms / 1000,
-                                 queue_size=s.queue_size, instances=plan.instances, name=name,
-                                 on_batch=self.metrics.batch_observer(name), **batching_for(model, s.max_batch_size))
+                                 queue_size=s.queue_size, name=name, on_batch=self.metrics.batch_observer(name),
+                                 **batching_for(model, s.max_batch_size, plan.instances))
         batcher.start()
         self.models[name] = ServedModel(model, batcher, seconds, predictor, backend)
         self.metrics.model_load_seconds.labels(name).set(seconds)

@@ -22,6 +22,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection  # blocking: the start-up handshake and the stop message
     runs: dict[str, str] = field(default_factory=dict)  # model name -> the backend label it runs
+    busy_since: float | None = None  # monotonic time its current exchange began; None when idle
     reader: asyncio.StreamReader | None = None  # the same socket on the event loop, opened at first use
     writer: asyncio.StreamWriter | None = None
 
@@ -164,6 +166,14 @@ class WorkerPool:
     def running(self) -> int:
         """Workers alive and answering (not counting replacements still loading)."""
         return len(self._all)
+
+    @property
+    def answering(self) -> int:
+        """Running workers that are idle or whose current batch is younger than a quarter of the
+        timeout: a frozen worker stops counting seconds after it froze, long before the watchdog
+        replaces it (the slowest legitimate forward, a few street frames, takes a second or two)."""
+        now, stall_s = time.monotonic(), self.timeout_s / 4
+        return sum(1 for w in self._all if w.busy_since is None or now - w.busy_since < stall_s)
 
     def backends(self, name: str) -> list[str]:
         """What each running worker runs model `name` on, as it reported when it loaded."""
@@ -268,6 +278,7 @@ class WorkerPool:
 
     async def _exchange(self, worker: _Worker, message: object) -> tuple[str, object]:
         """Send one message and read the answer; the worker goes back to the idle ones, or is retired."""
+        worker.busy_since = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
                 reader, writer = await worker.streams()
@@ -283,6 +294,7 @@ class WorkerPool:
         except (EOFError, OSError):  # IncompleteReadError is an EOFError
             self._retire(worker, "died")
             raise WorkerDied("a forward worker died during this batch; it has been restarted") from None
+        worker.busy_since = None
         await self._give_back(worker)
         return answer
 

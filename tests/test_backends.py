@@ -499,3 +499,20 @@ def test_the_export_command_writes_each_format_with_its_metadata(checkpoint_snap
         assert json.loads(metadata["preprocessing"]) == loaded.preprocessing.to_dict()
         assert json.loads(metadata["class_names"]) == loaded.class_names
     assert read_metadata(int8["path"])["precision"].startswith("int8")
+
+
+@pytest.mark.skipif("onnxruntime" not in RUNTIMES, reason="onnxruntime not installed")
+def test_onnxruntime_shrinks_its_arena_only_for_inputs_of_any_size(tmp_path):
+    """A model taking any frame size (the detector) gives back the arena its largest batch grew after
+    each run (bench.arena measures it); one of fixed size keeps the arena, which it reuses."""
+    from models.backends import onnxruntime_forward
+    from models.export import export_onnx
+
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    any_size = export_onnx(module, InputSpec((1, 3, 32, 48), dynamic_axes=(0, 2, 3)), tmp_path / "any.onnx", {})
+    fixed = export_onnx(module, InputSpec((2, 3, 32, 32)), tmp_path / "fixed.onnx", {})
+    frames = onnxruntime_forward(any_size, threads=1)
+    assert frames.shrinks_arena and not onnxruntime_forward(fixed, threads=1).shrinks_arena
+    for shape in ((1, 3, 64, 96), (3, 3, 16, 24)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(frames(x), module(x), atol=1e-5, rtol=1e-4)

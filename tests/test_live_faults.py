@@ -194,9 +194,21 @@ def test_a_stopped_worker_is_replaced_and_its_requests_answered(live, sign_png):
             def one(i: int) -> int:
                 return client.post("/v1/predict", files=files((f"{i}.png", sign_png))).status_code
 
+            def frozen_but_not_yet_replaced() -> bool:
+                """/readyz says degraded while the stopped worker still exists (before the watchdog)."""
+                with live.client() as probe:
+                    while time.monotonic() - started < WORKER_TIMEOUT_S:
+                        ready = probe.get("/readyz").json()
+                        if (ready["status"], ready["workers_running"]) == ("degraded", 1):
+                            return workers[0] in forward_workers(live)
+                        time.sleep(0.05)
+                return False
+
             started = time.monotonic()
-            with ThreadPoolExecutor(8) as pool:
+            with ThreadPoolExecutor(9) as pool:
+                noticed = pool.submit(frozen_but_not_yet_replaced)
                 statuses = list(pool.map(one, range(32)))
+                assert noticed.result(), "a frozen worker was not reported before its replacement"
             answered_in = time.monotonic() - started
             assert set(statuses) <= {200, 504}, statuses
             assert answered_in < 6 * WORKER_TIMEOUT_S, answered_in

@@ -21,8 +21,8 @@ async def healthz() -> Health:
                                                                  "forward worker running"}})
 async def readyz(service: ReadyService) -> Readiness:
     workers = service.workers
-    running, expected = (workers.running, workers.processes) if workers else (None, None)
-    if workers and running == 0:
+    running, expected = (workers.answering, workers.processes) if workers else (None, None)
+    if workers and workers.running == 0:
         raise HTTPException(503, "no forward worker is running; replacements are starting",
                             headers={"Retry-After": "2"})
     return Readiness(status="degraded" if workers and running < expected else "ready", models=list(service.models),

@@ -19,8 +19,10 @@ class Readiness(BaseModel):
                                                 "warmed up; degraded while a forward worker is being replaced")
     models: list[str]
     device: str
-    workers_running: int | None = Field(None, description="forward worker processes answering (null: forwards "
-                                                          "run in threads of the server)")
+    workers_running: int | None = Field(None, description="forward worker processes answering: alive, and idle "
+                                                          "or on a batch younger than a quarter of "
+                                                          "SIGNSERVE_WORKER_TIMEOUT_S (null: forwards run in "
+                                                          "threads of the server)")
     workers_expected: int | None = Field(None, description="forward worker processes at full capacity")
     skipped: list[SkippedCheckpoint] = Field([], description="checkpoints that failed validation or loading; "
                                                              "the others are served")
