@@ -178,7 +178,7 @@ def sign_batches(checkpoint_snapshot, sizes=(32, 8)) -> list[torch.Tensor]:
 def test_a_runtime_that_fails_parity_falls_back_to_torch(checkpoint_snapshot, tmp_path, caplog):
     module = FlipsSmallBatches().eval()
     batches = sign_batches(checkpoint_snapshot)
-    job = Job("a" * 64, InputSpec((32, 3, 32, 32)), batches, batches[0], tmp_path, measure_seconds=0.3)
+    job = Job("a" * 64, InputSpec(tuple(batches[0].shape)), batches, batches[0], tmp_path, measure_seconds=0.3)
     with caplog.at_level(logging.WARNING, logger="signserve"):
         forward, record = select(module, job, request="onnxruntime", threads=1)
     assert record.label == "torch-fp32"
@@ -193,7 +193,7 @@ def test_a_runtime_that_fails_parity_falls_back_to_torch(checkpoint_snapshot, tm
 
 def test_a_runtime_that_cannot_export_or_import_falls_back_to_torch(checkpoint_snapshot, tmp_path, monkeypatch):
     batches = sign_batches(checkpoint_snapshot)
-    spec = InputSpec((32, 3, 32, 32))
+    spec = InputSpec(tuple(batches[0].shape))
     if "onnxruntime" in RUNTIMES:
         job = Job("b" * 64, spec, batches, batches[0], tmp_path, measure_seconds=0.3)
         _, record = select(SpectralNet(), job, request="onnxruntime", threads=1)

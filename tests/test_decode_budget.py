@@ -129,8 +129,14 @@ def test_a_progressive_jpeg_is_charged_its_full_size_coefficients():
 
 
 def test_progressive_jpegs_cannot_slip_past_the_request_budget(cnn_snapshot):
-    """Each decodes to 300x300 (1/8 scale); held as coefficients it costs 5.8 Mpx more than that."""
+    """Each decodes reduced (1/4 or 1/8 scale for the cnn's input); held as coefficients it costs
+    5.8 Mpx more than that."""
+    from app.imaging import InputDecoder
+    from models.checkpoint import load_checkpoint
+
     progressive, baseline = progressive_and_baseline(2400, 2400)
+    reduced = open_image(baseline, "baseline.jpg")
+    InputDecoder(load_checkpoint(cnn_snapshot / "cnn.pt").preprocessing).reduce(reduced)
     with app_client(cnn_snapshot, max_request_pixels=20_000_000) as client:
         for data in (progressive, baseline):  # one of either fits
             assert client.post("/v1/predict", files=files(("one.jpg", data))).status_code == 200
@@ -138,4 +144,5 @@ def test_progressive_jpegs_cannot_slip_past_the_request_budget(cnn_snapshot):
         assert four.status_code == 413 and "progressive" in four.json()["detail"], four.text
         budget(client).reset_peak()
         assert client.post("/v1/predict", files=files(*[(f"{i}.jpg", baseline) for i in range(4)])).status_code == 200
-        assert budget(client).peak <= 4 * 300 * 300  # baseline JPEGs are charged their 1/8-scale decode
+        # baseline JPEGs are charged their reduced decode only
+        assert budget(client).peak <= 4 * decoded_pixels(reduced) <= 4 * 2400 * 2400 // 16

@@ -54,7 +54,11 @@ def test_gtsrb_test_crops_are_recognized_and_right(client, sign_pngs, model):
     recognized = [(r, label) for r, (_, _, label) in zip(results, sign_pngs) if r["recognized"]]
     # ~98-99 % of the whole test split is recognised (training.calibrate measures it): 0-2 misses expected here
     assert len(recognized) >= len(sign_pngs) - 3, f"{model}: {len(recognized)} of {len(sign_pngs)} recognised"
-    assert all(r["predictions"][0]["class_id"] == label for r, label in recognized)
+    # >= 99.5 % of the recognised test crops are right (training.calibrate measures it on the whole split):
+    # among these ~50, one miss at most
+    wrong = [(r["filename"], r["predictions"][0]["class_id"], label) for r, label in recognized
+             if r["predictions"][0]["class_id"] != label]
+    assert len(wrong) <= 1, f"{model}: {wrong}"
     assert all(r["predictions"][0]["probability"] >= 0.5 and r["sign_probability"] >= 0.5 for r, _ in recognized)
 
 

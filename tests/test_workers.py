@@ -25,14 +25,15 @@ def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
     from models.checkpoint import load_checkpoint
 
     paths = {name: checkpoint_snapshot / f"{name}.pt" for name in ("cnn", "resnet18")}
+    side = {name: load_checkpoint(path).preprocessing.input_size for name, path in paths.items()}
     pool = WorkerPool(WorkerPool.config_for(paths, torch.device("cpu"), half=False, channels_last=True, threads=1,
                                             warmup_batch_size=None, nice=5), processes=2)
     pool.start()
     processes = [worker.process for worker in pool._all]
     generator = torch.Generator().manual_seed(0)
-    batches = {"resnet18": [torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8, generator=generator)
-                            for _ in range(3)],
-               "cnn": [torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=generator)]}
+    batches = {"resnet18": [torch.randint(0, 256, (64, 3, side["resnet18"], side["resnet18"]), dtype=torch.uint8,
+                                          generator=generator) for _ in range(3)],
+               "cnn": [torch.randint(0, 256, (5, 3, side["cnn"], side["cnn"]), dtype=torch.uint8, generator=generator)]}
 
     async def run() -> dict[str, list]:
         try:
