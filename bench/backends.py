@@ -19,8 +19,8 @@ import torch
 from app.engine import choose_backend, classifier_job, select_device
 from app.service import execution_plan
 from app.settings import Settings
-from models.backends import (BackendRecord, Candidate, artifact_digest, build_forward, candidates, cpu_flags,
-                             export_candidate, images_per_second)
+from models.backends import (BackendRecord, build_forward, candidates, cpu_flags, export_candidate,
+                             images_per_second)
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
 from models.calibration import CalibratedClassifier
 
@@ -44,18 +44,14 @@ def backend_rates(loaded: LoadedModel, settings: Settings, threads: int, seconds
     for candidate in candidates("auto", loaded.device, cpu_flags(), settings.half, int8=job.int8):
         try:
             artifact = None if candidate.backend == "torch" else export_candidate(candidate, module, job)
-            forwards[candidate.label] = build_forward(_record(candidate, artifact), module, loaded.device, threads)
+            record = BackendRecord.for_artifact(candidate.backend, candidate.precision, artifact)
+            forwards[candidate.label] = build_forward(record, module, loaded.device, threads)
         except Exception as exc:
             print(f"  {loaded.name}: {candidate.label} unavailable: {type(exc).__name__}: {exc}", flush=True)
             rates[candidate.label] = 0.0
     with torch.inference_mode():
         rates.update(images_per_second(forwards, job.measure_batch, seconds, threads))
     return rates
-
-
-def _record(candidate: Candidate, artifact: str | None) -> BackendRecord:
-    return BackendRecord(candidate.backend, candidate.precision, artifact,
-                         artifact_digest(artifact) if artifact else None)
 
 
 def main() -> None:

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"/v1/predict (cnn), {args.predict_clients} clients, {args.seconds:g} s per phase")
     print("| phase | requests/s | p50 ms | p99 ms | detect requests done | errors |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
-    for label, r in ((f"alone", alone),
+    for label, r in (("alone", alone),
                      (f"beside {args.detect_clients} detect clients x {args.detect_frames} frames", beside)):
         print(f"| {label} | {r['predict_requests_per_s']:.0f} | {r['predict_p50_ms']:.1f} | {r['predict_p99_ms']:.1f} "
               f"| {r['detect_requests']} | {sorted(set(r['errors'])) or '-'} |")

@@ -96,6 +96,11 @@ class BackendRecord:
     def candidate(self) -> Candidate:
         return Candidate(self.backend, self.precision)
 
+    @classmethod
+    def for_artifact(cls, backend: str, precision: str, artifact: str | None) -> "BackendRecord":
+        """A record for a forward that runs `artifact` as it is on disk now (its digest taken here)."""
+        return cls(backend, precision, artifact, artifact_digest(artifact) if artifact else None)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -310,8 +315,9 @@ def onnxruntime_forward(path: str | os.PathLike, threads: int) -> Forward:
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
     # With any frame size (the detector's dynamic height and width) the arena grows to the largest
-    # batch ever run and keeps it: a worker stayed ~1 GB larger after a few 8-frame requests. Shrinking
-    # it after each run gives that back at no measured cost (freeing the arena altogether cost ~40 %).
+    # batch ever run and keeps it (~0.5 GB more after a few large batches); shrinking it after each run
+    # gives that back at no measured cost, where switching the arena off slows each run by half
+    # (python -m bench.arena).
     run_options = None
     if any(not isinstance(d, int) for d in session.get_inputs()[0].shape[2:]):
         run_options = ort.RunOptions()
@@ -484,8 +490,7 @@ def _candidate_forward(candidate: Candidate, module: nn.Module, job: Job, device
     if installed(candidate.backend) is None:
         raise ImportError(f"{candidate.backend} is not installed")
     artifact = None if candidate.backend == "torch" else export_candidate(candidate, module, job)
-    record = BackendRecord(candidate.backend, candidate.precision, artifact,
-                           artifact_digest(artifact) if artifact else None)
+    record = BackendRecord.for_artifact(candidate.backend, candidate.precision, artifact)
     return build_forward(record, module, device, threads), record
 
 

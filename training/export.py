@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from models.backends import BackendRecord, artifact_digest, build_forward
+from models.backends import BackendRecord, build_forward
 from models.checkpoint import load_checkpoint
 from models.export import InputSpec, checkpoint_metadata, export_onnx, export_openvino
 from models.paths import default_data_root
@@ -41,7 +41,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     write = export_onnx if fmt == "onnx" else export_openvino
     write(loaded.model, spec, path, checkpoint_metadata(loaded))
     batch = spec.example()
-    record = BackendRecord(backend, "fp32", str(path), artifact_digest(path))  # the file just written
+    record = BackendRecord.for_artifact(backend, "fp32", str(path))  # the file just written
     forward = build_forward(record, loaded.model, torch.device("cpu"), torch.get_num_threads())
     with torch.inference_mode():
         diff = float((forward(batch) - loaded.model(batch)).abs().max())
@@ -66,7 +66,7 @@ def export_int8(checkpoint: str | Path, data_root: str, out: str | Path | None =
                              checkpoint_metadata(loaded))
         quantize_onnx(source, path, calibration_batches(data_root, pre, CALIBRATION_IMAGES), checkpoint_metadata(loaded))
     test = load_split(data_root, "test", pre)
-    record = BackendRecord("onnxruntime", "int8", str(path), artifact_digest(path))
+    record = BackendRecord.for_artifact("onnxruntime", "int8", str(path))
     int8 = build_forward(record, loaded.model, torch.device("cpu"), torch.get_num_threads())
     return path, forward_accuracy(int8, test, pre), forward_accuracy(loaded.model.eval(), test, pre)
 

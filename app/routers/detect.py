@@ -83,8 +83,8 @@ async def detect(request: Request) -> DetectResponse:
     query = parse_query(request, DetectQuery)
     service = require_ready(request.app.state.service)
     detector = get_detector(service)
-    namers = [n for n, m in service.models.items() if names_boxes(m)]
     if query.classifier in service.models and not names_boxes(service.models[query.classifier]):
+        namers = [n for n, m in service.models.items() if names_boxes(m)]
         raise HTTPException(422, f"{query.classifier!r} cannot name boxes; classifier= takes one of "
                                  f"{', '.join(namers)}")
     classifier = get_served_model(service, query.classifier, names_boxes, role="classifier")
