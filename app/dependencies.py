@@ -13,7 +13,6 @@ from fastapi import Depends, HTTPException, Request
 
 from app.observability import ServiceMetrics
 from app.service import ServedModel, Service
-from models.checkpoint import LoadedModel
 
 
 async def get_service(request: Request) -> Service:
@@ -55,9 +54,9 @@ def get_served_model(service: Service, name: str | None, accepts: Callable[[Serv
     return served
 
 
-async def get_loaded_model(name: str, service: ReadyService) -> LoadedModel:
-    """Path parameter `name` -> the loaded model, or 404 naming the models that exist."""
-    return get_served_model(service, name).loaded
+async def get_model(name: str, service: ReadyService) -> ServedModel:
+    """Path parameter `name` -> the served model, or 404 naming the models that exist."""
+    return get_served_model(service, name)
 
 
-Model = Annotated[LoadedModel, Depends(get_loaded_model)]
+Model = Annotated[ServedModel, Depends(get_model)]

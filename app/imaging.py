@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from app.errors import Rejected
-from models.preprocessing import Preprocessing, image_to_uint8
+from models.preprocessing import Preprocessing, image_to_uint8, scaled_size, to_rgb
+from models.scene import Scene
 
 # Declared width x height above which an image is refused unread: a 48-50 Mpx phone photo passes.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
@@ -141,12 +142,6 @@ def _shrink(image: Image.Image, factor: int) -> Image.Image:
         return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "P":
-        image = image.convert("RGBA")  # palette images may carry transparency; go through RGBA
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 class Decoder(Protocol[T]):
     """What a model kind needs from an upload: `reduce` (header-only) then `load` (decodes)."""
 
@@ -178,28 +173,6 @@ class InputDecoder:
             image.close()
 
 
-class DecodedImage(NamedTuple):
-    """A decoded upload. `image` is RGB, upright (EXIF orientation applied), its long side at most the
-    `max_side` asked for; `original_size` is the uploaded image's (width, height), upright too;
-    `scale` is (sx, sy), what a coordinate in `image` is multiplied by to land in the upload's pixels."""
-
-    image: Image.Image
-    original_size: tuple[int, int]
-    scale: tuple[float, float]
-
-    def to_original(self, x: float, y: float) -> tuple[float, float]:
-        """A point (pixel edges: 0..width) of `image` in the uploaded image's pixels."""
-        return x * self.scale[0], y * self.scale[1]
-
-
-def scene_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
-    """(width, height) scaled so the long side is at most `max_side`, aspect ratio kept (never enlarged)."""
-    if max_side is None or max(width, height) <= max_side:
-        return width, height
-    ratio = max_side / max(width, height)
-    return max(1, round(width * ratio)), max(1, round(height * ratio))
-
-
 class SceneDecoder:
     """A whole photo for a model that looks at the scene (a detector): RGB, upright, long side at most
     `max_side` (None: full size). JPEGs are reduced while decoded (DCT scaling, no more than keeps the
@@ -213,18 +186,18 @@ class SceneDecoder:
 
     def reduce(self, image: Image.Image) -> None:
         if self.max_side is not None:
-            draft_to(image, *scene_size(*image.size, self.max_side))
+            draft_to(image, *scaled_size(*image.size, self.max_side))
 
-    def load(self, image: Image.Image, name: str, declared_size: tuple[int, int]) -> DecodedImage:
+    def load(self, image: Image.Image, name: str, declared_size: tuple[int, int]) -> Scene:
         _load(image, name)
         rgb = None
         try:
             oriented = ImageOps.exif_transpose(image) if _needs_transpose(image) else image
             swapped = oriented.size != image.size
             original = (declared_size[1], declared_size[0]) if swapped else declared_size
-            target = scene_size(*original, self.max_side)
+            target = scaled_size(*original, self.max_side)
             small = _shrink(oriented, min(oriented.width // target[0], oriented.height // target[1]))
-            rgb = _to_rgb(small)
+            rgb = to_rgb(small)
             if rgb.size != target:
                 rgb = rgb.resize(target, Image.Resampling.BILINEAR)
         except Exception as exc:
@@ -233,7 +206,7 @@ class SceneDecoder:
         finally:
             if rgb is not image:  # an upright RGB photo already at size is returned as it is
                 image.close()
-        return DecodedImage(rgb, original, (original[0] / target[0], original[1] / target[1]))
+        return Scene(rgb, original)
 
 
 def _needs_transpose(image: Image.Image) -> bool:
@@ -245,13 +218,12 @@ def _needs_transpose(image: Image.Image) -> bool:
 
 
 def decode_image(data: bytes | bytearray, *, max_side: int | None, name: str = "image",
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Scene:
     """Decode an uploaded photo for a model that takes the whole scene.
 
-    Returns a `DecodedImage`: `image` (RGB, EXIF orientation applied, long side at most `max_side`;
-    `max_side=None` keeps the full size), `original_size` (the upload's upright width and height) and
-    `scale` (sx, sy): multiply a coordinate in `image` by it to get the upload's pixels (a box
-    (x0, y0, x1, y1) maps to (x0 * sx, y0 * sy, x1 * sx, y1 * sy)).
+    Returns a models.scene.Scene: `image` (RGB, EXIF orientation applied, long side at most `max_side`;
+    `max_side=None` keeps the full size) and `original_size` (the upload's upright width and height);
+    its `scale` and `to_original` map `image`'s coordinates to the upload's pixels.
 
     A JPEG is reduced while it decodes (DCT scaling to 1/2, 1/4 or 1/8, never below `max_side`), so a
     48 Mpx phone photo costs what a ~3 Mpx one does; other formats decode at full size first.

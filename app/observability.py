@@ -78,8 +78,17 @@ class ServiceMetrics:
         self.model_info = Gauge("signserve_model_info", "the models served (value 1)",
                                 ["model", "architecture", "device", "checkpoint_sha256", "backend", "precision"],
                                 registry=r)
+        self._info_labels: dict[str, list[tuple[str, ...]]] = {}
         self._cuda_devices: list[torch.device] = []
         r.register(CudaMemoryCollector(lambda: self._cuda_devices))
+
+    def show_backend(self, name: str, model, backend) -> None:
+        """signserve_model_info for model `name` on `backend` (a swapped-out runtime's series goes)."""
+        for labels in list(self._info_labels.get(name, [])):
+            self.model_info.remove(*labels)
+        labels = (name, model.architecture, str(model.device), model.sha256, backend.backend, backend.precision)
+        self.model_info.labels(*labels).set(1)
+        self._info_labels[name] = [labels]
 
     def watch_device(self, device: torch.device) -> None:
         if device.type == "cuda" and device not in self._cuda_devices:

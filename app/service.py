@@ -1,14 +1,14 @@
-"""What the app serves: the checkpoints of the checkpoint directory, each with its predictor and batcher.
+"""What the app serves: the checkpoints of the checkpoint directory, each with its handler and batcher.
 
-Loading runs in a background thread after start-up, so /healthz answers at once and /readyz turns
-200 when every model is loaded and warmed up.
+Loading runs in the background after start-up, so /healthz answers at once, and /readyz turns 200
+once every model is loaded and warmed up on torch. Each model's faster runtime (models.backends) is
+then chosen in the background and swapped in; until it is, torch answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,20 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from app.batching import DynamicBatcher, ForwardFn
 from app.decoding import DecodeBudget
-from app.engine import DetectorPredictor, Predictor, choose_backend, make_predictor, select_device
+from app.engine import choose_backend, select_device, torch_record
+from app.kinds import KINDS, ServedModel, kind_of
+from app.kinds.base import Handler
 from app.observability import ServiceMetrics
 from app.schemas.health import SkippedCheckpoint
 from app.settings import Settings, available_cores
 from app.workers import WorkerPool
 from models.backends import BackendRecord
-from models.calibration import Calibration
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
-from models.detector import pad_stack
-from models.ensemble import ENSEMBLE_NAME
 
 log = logging.getLogger("signserve")
 
@@ -65,59 +63,6 @@ def worker_pool(settings: Settings, plan: ExecutionPlan, device: torch.device, p
     return WorkerPool(config, plan.instances, timeout_s=settings.worker_timeout_s)
 
 
-# A frame is ~1 Mpx: a few per forward already fill the cores, and a larger batch only holds the
-# first frame's answer back.
-DETECTOR_MAX_BATCH = 4
-
-
-def batching_for(model: LoadedModel, max_batch_size: int, instances: int) -> dict:
-    """The batcher's per-kind settings. A detector's frames of unequal sizes are padded into one batch,
-    and its forwards (a second or more for a few frames) may hold all instances but one: the last is
-    left to the classifiers, whose batches take milliseconds and would otherwise queue behind frames."""
-    if model.architecture != "detector":
-        return {"max_batch_size": max_batch_size, "instances": instances}
-    return {"max_batch_size": min(max_batch_size, DETECTOR_MAX_BATCH), "instances": max(1, instances - 1),
-            "collate": lambda frames: pad_stack(frames, model.preprocessing)}
-
-
-@dataclass
-class ServedModel:
-    loaded: LoadedModel
-    batcher: DynamicBatcher | None  # None for an ensemble: its members' batchers run it
-    load_seconds: float
-    predictor: Predictor | DetectorPredictor | None = None  # the in-process forward; None in worker processes
-    backend: BackendRecord | None = None  # what runs the forward, and why (models.backends)
-    members: list["ServedModel"] = field(default_factory=list)  # an ensemble's members
-
-    @property
-    def runners(self) -> list["ServedModel"]:
-        """The served models whose forwards answer for this one: itself, or an ensemble's members."""
-        return self.members or [self]
-
-
-def ensemble_model(models: dict[str, LoadedModel]) -> LoadedModel | None:
-    """The ensemble that the served models' checkpoints describe (training.calibrate writes the same
-    description into each member), when every member is served and they agree; else None."""
-    specs = [m.ensemble for m in models.values() if m.ensemble is not None]
-    if not specs:
-        return None
-    spec = specs[0]
-    members = [models.get(name) for name in spec.members]
-    if any(m is None or m.ensemble != spec for m in members):
-        log.warning("not serving the ensemble: its members %s are not all served with the same calibration run",
-                    ", ".join(spec.members))
-        return None
-    first = members[0]
-    return LoadedModel(
-        name=ENSEMBLE_NAME, model=nn.ModuleList(m.model for m in members), architecture=ENSEMBLE_NAME,
-        class_names=first.class_names, preprocessing=max((m.preprocessing for m in members),
-                                                         key=lambda p: p.input_size),
-        start_weights=" + ".join(spec.members), metrics=[], train_args={}, data={},
-        sha256=hashlib.sha256("".join(m.sha256 for m in members).encode()).hexdigest(), path=first.path.parent,
-        device=first.device, parameters=sum(m.parameters for m in members),
-        calibration=Calibration(rule=spec.rule, report=spec.report), ensemble=spec)
-
-
 @dataclass
 class Service:
     settings: Settings
@@ -129,6 +74,7 @@ class Service:
     ready: bool = False
     workers: WorkerPool | None = None
     decode_budget: DecodeBudget = field(init=False)
+    choosing: asyncio.Task | None = None  # the background runtime choice
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(self.settings.max_request_pixels, self.settings.max_decoding_pixels)
@@ -136,19 +82,13 @@ class Service:
     def skipped(self) -> list[SkippedCheckpoint]:
         return [SkippedCheckpoint(file=file, reason=reason) for file, reason in self.load_errors.items()]
 
-    def best(self, accepts: Callable[[ServedModel], bool] = lambda m: True) -> str | None:
-        """The default for /v1/predict (among the models `accepts` takes): the ensemble when it beat
-        each of its members on validation data (training.calibrate decides), else the classifier with
-        the highest final test accuracy."""
-        ensemble = self.models.get(ENSEMBLE_NAME)
-        if ensemble is not None and ensemble.loaded.ensemble is not None and \
-                ensemble.loaded.ensemble.report.get("default") and accepts(ensemble):
-            return ENSEMBLE_NAME
-        classifiers = [n for n, m in self.models.items()
-                       if m.loaded.architecture not in ("detector", ENSEMBLE_NAME) and accepts(m)]
-        if not classifiers:
-            return None
-        return max(classifiers, key=lambda n: self.models[n].loaded.test_accuracy or 0.0)
+    def best(self, accepts: Callable[[ServedModel], bool] = lambda m: m.kind.classifies) -> str | None:
+        """The default model among those `accepts` takes (by default /v1/predict's): the one whose kind
+        ranks it highest (an ensemble that beat its members on validation data, else the classifier
+        with the highest final test accuracy)."""
+        ranked = [(rank, name) for name, m in self.models.items()
+                  if accepts(m) and (rank := m.kind.default_rank(m)) is not None]
+        return max(ranked)[1] if ranked else None
 
     def check_startup(self) -> list[Path]:
         """Fail start-up at once on what no waiting fixes: no checkpoints, or an impossible device."""
@@ -167,37 +107,44 @@ class Service:
                  plan.torch_threads or torch.get_num_threads())
         return paths
 
-    def _load_one(self, path: Path) -> tuple[LoadedModel, BackendRecord, Predictor | DetectorPredictor | None]:
+    @property
+    def threads(self) -> int:
+        return self.plan.torch_threads or torch.get_num_threads()
+
+    def handler(self, loaded: LoadedModel, backend: BackendRecord) -> Handler:
+        """An in-process handler for `loaded` on `backend`, warmed up as the settings ask."""
         s = self.settings
+        handler = kind_of(loaded).handler(loaded, half=s.half, channels_last=s.channels_last, backend=backend,
+                                          threads=self.threads)
+        if s.warmup:
+            handler.warmup(s.max_batch_size)
+        return handler
+
+    def _load_one(self, path: Path) -> tuple[LoadedModel, BackendRecord, Handler | None]:
         loaded = load_checkpoint(path, device=self.device, name=path.stem)
-        threads = self.plan.torch_threads or torch.get_num_threads()
-        backend = choose_backend(loaded, s.backend, cache_dir=s.backend_cache_dir, batch_size=s.max_batch_size,
-                                 parity_images=s.backend_parity_images, threads=threads, half=s.half)
+        kind_of(loaded)  # a kind nobody registered fails here, for this checkpoint only
+        backend = torch_record(loaded, self.threads, self.settings.half, "serving at once; the faster runtime is "
+                                                                         "chosen in the background")
         if self.plan.processes:
             return loaded, backend, None  # metadata here; the workers load their own copy to run
-        predictor = make_predictor(loaded, half=s.half, channels_last=s.channels_last, backend=backend,
-                                   threads=threads)
-        if s.warmup:
-            predictor.warmup(s.max_batch_size)
-        return loaded, backend, predictor
+        return loaded, backend, self.handler(loaded, backend)
 
     async def load(self, paths: list[Path]) -> None:
         s, plan = self.settings, self.plan
-        loaded: dict[str, tuple[LoadedModel, BackendRecord, Predictor | None, float, Path]] = {}
+        loaded: dict[str, tuple[LoadedModel, BackendRecord, Handler | None, float, Path]] = {}
         for path in paths:
             started = time.perf_counter()
             try:
-                model, backend, predictor = await asyncio.to_thread(self._load_one, path)
+                model, backend, handler = await asyncio.to_thread(self._load_one, path)
             except Exception as exc:  # one bad file must not take the other models down
                 log.error("skipping checkpoint %s: %s", path, exc)
                 self.load_errors[path.name] = str(exc)
                 continue
-            loaded[model.name] = (model, backend, predictor, time.perf_counter() - started, path)
+            loaded[model.name] = (model, backend, handler, time.perf_counter() - started, path)
         pool_seconds = 0.0
         if plan.processes and loaded:
             started = time.perf_counter()
-            self.workers = worker_pool(s, plan, self.device, {name: path for name, (_, _, _, _, path) in loaded.items()},
-                                       {name: backend for name, (_, backend, _, _, _) in loaded.items()})
+            self.workers = worker_pool(s, plan, self.device, {name: path for name, (_, _, _, _, path) in loaded.items()})
             try:
                 await asyncio.to_thread(self.workers.start)
                 self.workers.start_watchdog()
@@ -206,18 +153,15 @@ class Service:
                 self.load_errors["workers"] = str(exc)
                 return
             pool_seconds = time.perf_counter() - started
-        for name, (model, backend, predictor, seconds, path) in loaded.items():
+        for name, (model, backend, handler, seconds, path) in loaded.items():
             try:
-                self._serve(name, model, backend, predictor, seconds + pool_seconds)
+                self.serve(model, backend, handler, seconds + pool_seconds)
             except Exception as exc:  # whatever it is, it is this model's problem, not the others'
                 log.error("skipping checkpoint %s: %s", path, exc)
                 self.load_errors[path.name] = f"{type(exc).__name__}: {exc}"
-        ensemble = ensemble_model({name: m.loaded for name, m in self.models.items()})
-        if ensemble is not None:
-            members = [self.models[name] for name in ensemble.ensemble.members]
-            self.models[ensemble.name] = ServedModel(ensemble, None, 0.0, members=members)
-            log.info("serving %s: the mean of the calibrated probabilities of %s (test accuracy %s)",
-                     ensemble.name, ", ".join(ensemble.ensemble.members), ensemble.test_accuracy)
+        for kind in KINDS.values():
+            for composed in kind.compose(self.models):
+                self.models[composed.name] = composed
         # What exists now (torch, FastAPI, the models: ~420k objects) lives as long as the process.
         # Frozen, the collector's full passes skip it; unfrozen, each walked it all (~190 ms measured,
         # the event loop stalled meanwhile).
@@ -225,25 +169,64 @@ class Service:
         self.ready = bool(self.models)
         if not self.ready:
             log.error("no model could be loaded; /readyz stays 503")
+            return
+        self.choosing = asyncio.get_running_loop().create_task(self.choose_runtimes(), name="runtime-choice")
 
-    def _serve(self, name: str, model: LoadedModel, backend: BackendRecord,
-               predictor: Predictor | DetectorPredictor | None, seconds: float) -> None:
-        s, plan = self.settings, self.plan
-        batcher = DynamicBatcher(self.forward_path(name, predictor), max_wait_s=s.max_wait_ms / 1000,
+    def serve(self, model: LoadedModel, backend: BackendRecord, handler: Handler | None, seconds: float) -> ServedModel:
+        """Serve a loaded checkpoint: its batcher over `handler` (None: the forward workers run it)."""
+        s, plan, name, kind = self.settings, self.plan, model.name, kind_of(model)
+        batching = kind.batching(model, s.max_batch_size, plan.instances)
+        batcher = DynamicBatcher(self.forward_path(name, handler), max_wait_s=s.max_wait_ms / 1000,
                                  queue_size=s.queue_size, name=name, on_batch=self.metrics.batch_observer(name),
-                                 **batching_for(model, s.max_batch_size, plan.instances))
+                                 max_batch_size=batching.max_batch_size, instances=batching.instances,
+                                 collate=batching.collate)
         batcher.start()
-        self.models[name] = ServedModel(model, batcher, seconds, predictor, backend)
+        served = self.models[name] = ServedModel(name, kind, model, batcher, seconds, handler, backend,
+                                                 choosing=s.backend != "torch" and model.device.type == "cpu")
         self.metrics.model_load_seconds.labels(name).set(seconds)
         self.metrics.queue_depth.labels(name).set_function(lambda b=batcher: b.depth)
-        self.metrics.model_info.labels(name, model.architecture, str(model.device), model.sha256,
-                                       backend.backend, backend.precision).set(1)
+        self.metrics.show_backend(name, model, backend)
         self.metrics.watch_device(model.device)
-        log.info("serving %s (%s, %d parameters, test accuracy %s) on %s, ready in %.2f s", name,
-                 model.architecture, model.parameters, model.test_accuracy, model.device, seconds)
-        log.info("%s runs on %s%s: %s; bare forward images/s %s; rejected %s; test accuracy %s", name,
-                 backend.label, " (cached choice)" if backend.cached else f" (chosen in {backend.selected_in_s} s)",
-                 backend.reason, backend.images_per_s or "-", backend.rejected or "-", backend.test_accuracy or "-")
+        log.info("serving %s (%s %s, %d parameters, test accuracy %s) on %s with %s, ready in %.2f s", name,
+                 kind.name, model.architecture, model.parameters, model.test_accuracy, model.device, backend.label,
+                 seconds)
+        return served
+
+    async def choose_runtimes(self) -> None:
+        """Choose each model's runtime (models.backends.select: cached, or exported, checked and timed
+        now) and swap it in. Requests keep being answered throughout: the workers swap one at a time,
+        each between two batches, and an in-process handler is replaced between two batches."""
+        s = self.settings
+        for served in [m for m in self.models.values() if m.choosing]:
+            loaded = served.loaded
+            try:
+                record = await asyncio.to_thread(
+                    choose_backend, loaded, s.backend, cache_dir=s.backend_cache_dir, batch_size=s.max_batch_size,
+                    parity_images=s.backend_parity_images, threads=self.threads, half=s.half)
+                if record.label != served.backend.label:
+                    await self.swap(served, record)
+                else:
+                    served.backend = record
+            except Exception as exc:  # the model goes on being served as it is
+                log.error("%s: the runtime choice failed (%s: %s); %s serves on", served.name,
+                          type(exc).__name__, exc, served.backend.label)
+            finally:
+                served.choosing = False
+            record = served.backend
+            log.info("%s runs on %s%s: %s; bare forward images/s %s; rejected %s; test accuracy %s", served.name,
+                     record.label, " (cached choice)" if record.cached else f" (chosen in {record.selected_in_s} s)",
+                     record.reason, record.images_per_s or "-", record.rejected or "-", record.test_accuracy or "-")
+
+    async def swap(self, served: ServedModel, record: BackendRecord) -> None:
+        """Serve `served` on `record` from now on."""
+        if self.workers is not None:
+            await self.workers.swap(served.name, record)
+        else:
+            handler = await asyncio.to_thread(self.handler, served.loaded, record)
+            served.predictor = handler
+            served.batcher.forward = handler.run
+        served.backend = record
+        self.metrics.show_backend(served.name, served.loaded, record)
 
     def running_backends(self, name: str) -> list[str]:
         """What really runs model `name`'s forwards: each worker's report, or this process's handler."""
@@ -254,16 +237,16 @@ class Service:
             return self.workers.backends(name)
         return [served.predictor.backend] if served.predictor is not None else []
 
-    def forward_path(self, name: str, predictor: Predictor | DetectorPredictor | None) -> ForwardFn:
-        """What the batcher calls with each batch of model `name` (uint8 images -> per image, the
-        handler's answer: a classifier's class ids and probabilities, most probable first, or the
-        detector's boxes): on the CPU by default an exchange with a forward worker process
-        (app.workers.WorkerPool.run, which runs the handler's `run` there: app.engine.Predictor.ranked
-        or DetectorPredictor.run); otherwise this process's own handler, in the batcher's threads."""
-        return self.workers.forward(name) if self.workers is not None else predictor.run
+    def forward_path(self, name: str, handler: Handler | None) -> ForwardFn:
+        """What the batcher calls with each collated batch of model `name` (-> per item, the handler's
+        answer): on the CPU by default an exchange with a forward worker process (app.workers, which
+        runs the kind's handler there); otherwise this process's own handler, in the batcher's threads."""
+        return self.workers.forward(name) if self.workers is not None else handler.run
 
     async def close(self) -> None:
         self.ready = False
+        if self.choosing is not None:
+            self.choosing.cancel()
         for served in self.models.values():
             if served.batcher is not None:
                 await served.batcher.stop()

@@ -8,9 +8,9 @@ thread that does not hold the GIL. Worker processes each own a GIL, the OS sched
 against the event loop, and the cost is one socket round trip per batch (~0.1 ms against
 tens of milliseconds of forward).
 
-Each worker loads every served checkpoint (the same files and the same `Predictor` as the
-in-process path), warms up, and then answers `(model, shape, pixels)` with the handler's `run`
-(`Predictor.ranked` for a classifier, `DetectorPredictor.run` for the detector).
+Each worker loads every served checkpoint (the same files and the same handler as the in-process
+path: its kind's, app.kinds), warms up, and then answers `(model, shape, pixels)` with the handler's
+`run`. A `swap` message replaces one model's handler between two batches (a newly chosen runtime).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -35,8 +35,9 @@ from models.backends import BackendRecord
 
 log = logging.getLogger("signserve")
 
-Ranked = list[tuple[list[int], list[float], float]]  # per image: app.engine.Ranked
+Answers = list  # per image, the handler's answer (app.kinds: a Ranked, or a detector's boxes)
 PING = "ping"  # the watchdog's liveness check; a worker answers ("ok", None)
+SWAP = "swap"  # ("swap", model, BackendRecord.to_dict()): load and warm that runtime; answers ("ok", its label)
 
 
 @dataclass(frozen=True)
@@ -53,28 +54,32 @@ class WorkerConfig:
 
 def _serve(conn: Connection, config: WorkerConfig) -> None:
     """The worker process: load, warm up, report, then answer batches until told to stop."""
-    from app.engine import make_predictor
-    from models.backends import BackendRecord
+    from app.kinds import kind_of
     from models.checkpoint import load_checkpoint
 
     torch.set_num_threads(config.torch_threads)
     if config.nice:
         os.nice(config.nice)
+    loaded = {}
+
+    def handler(name: str, backend: dict | None):
+        made = kind_of(loaded[name]).handler(loaded[name], half=config.half, channels_last=config.channels_last,
+                                             backend=BackendRecord.from_dict(backend) if backend else None,
+                                             threads=config.torch_threads)
+        if config.warmup_batch_size:
+            made.warmup(config.warmup_batch_size)
+        return made
+
     try:
-        predictors = {}
+        handlers = {}
         for name, path in config.checkpoints.items():
-            loaded = load_checkpoint(path, device=config.device, name=name)
-            backend = config.backends.get(name)
-            predictors[name] = make_predictor(loaded, half=config.half, channels_last=config.channels_last,
-                                              backend=BackendRecord.from_dict(backend) if backend else None,
-                                              threads=config.torch_threads)
-            if config.warmup_batch_size:
-                predictors[name].warmup(config.warmup_batch_size)
+            loaded[name] = load_checkpoint(path, device=config.device, name=name)
+            handlers[name] = handler(name, config.backends.get(name))
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     # what each model really runs here: the chosen runtime, or torch fp32 where its file could not be used
-    conn.send(("ready", {name: predictor.backend for name, predictor in predictors.items()}))
+    conn.send(("ready", {name: h.backend for name, h in handlers.items()}))
     with torch.inference_mode():
         while True:
             try:
@@ -86,10 +91,15 @@ def _serve(conn: Connection, config: WorkerConfig) -> None:
             if message == PING:
                 conn.send(("ok", None))
                 continue
-            name, shape, pixels = message
             try:
+                if message[0] == SWAP:  # serve a model on another runtime from the next batch on
+                    _, name, backend = message
+                    handlers[name] = handler(name, backend)
+                    conn.send(("ok", handlers[name].backend))
+                    continue
+                name, shape, pixels = message
                 images = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(shape)
-                conn.send(("ok", predictors[name].run(images)))
+                conn.send(("ok", handlers[name].run(images)))
             except Exception as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -117,6 +127,7 @@ class _Worker:
     conn: Connection  # blocking: the start-up handshake and the stop message
     runs: dict[str, str] = field(default_factory=dict)  # model name -> the backend label it runs
     busy_since: float | None = None  # monotonic time its current exchange began; None when idle
+    swapping: bool = False  # loading another runtime for a model: busy, but not stalled
     reader: asyncio.StreamReader | None = None  # the same socket on the event loop, opened at first use
     writer: asyncio.StreamWriter | None = None
 
@@ -173,7 +184,7 @@ class WorkerPool:
         timeout: a frozen worker stops counting seconds after it froze, long before the watchdog
         replaces it (the slowest legitimate forward, a few street frames, takes a second or two)."""
         now, stall_s = time.monotonic(), self.timeout_s / 4
-        return sum(1 for w in self._all if w.busy_since is None or now - w.busy_since < stall_s)
+        return sum(1 for w in self._all if w.busy_since is None or w.swapping or now - w.busy_since < stall_s)
 
     def backends(self, name: str) -> list[str]:
         """What each running worker runs model `name` on, as it reported when it loaded."""
@@ -225,8 +236,8 @@ class WorkerPool:
         self._idle.extend(workers)
         self._started = True
 
-    def forward(self, name: str) -> Callable[[torch.Tensor], Awaitable[Ranked]]:
-        async def run(images: torch.Tensor) -> Ranked:
+    def forward(self, name: str) -> Callable[[torch.Tensor], Awaitable[Answers]]:
+        async def run(images: torch.Tensor) -> Answers:
             return await self.run(name, images)
 
         return run
@@ -249,14 +260,26 @@ class WorkerPool:
                 raise WorkerDied("the forward workers are shutting down")
             return self._idle.popleft()
 
+    async def _take_this(self, worker: _Worker) -> bool:
+        """Wait until `worker` is idle and take it; False when it was retired first."""
+        changed = self._condition()
+        async with changed:
+            await changed.wait_for(lambda: worker in self._idle or worker not in self._all or self._closed)
+            if self._closed:
+                raise WorkerDied("the forward workers are shutting down")
+            if worker not in self._idle:
+                return False
+            self._idle.remove(worker)
+            return True
+
     async def _give_back(self, worker: _Worker) -> None:
         changed = self._condition()
         async with changed:
             if not self._closed:
                 self._idle.append(worker)
-                changed.notify()
+                changed.notify_all()  # a swap may wait for this very worker
 
-    async def run(self, name: str, images: torch.Tensor) -> Ranked:
+    async def run(self, name: str, images: torch.Tensor) -> Answers:
         """One batch on an idle worker. Cancelling the caller does not cancel the exchange: the
         worker's answer is still read, so it can never be taken for the next batch's."""
         if not self._started or self._closed:
@@ -276,11 +299,28 @@ class WorkerPool:
             return result
         raise AssertionError("unreachable")
 
-    async def _exchange(self, worker: _Worker, message: object) -> tuple[str, object]:
+    async def swap(self, name: str, record: BackendRecord, timeout_s: float = 300) -> None:
+        """Serve model `name` on `record` from now on: each worker in turn loads and warms it between two
+        batches while the others answer; replacements start on it."""
+        self.config = replace(self.config, backends={**self.config.backends, name: record.to_dict()})
+        for worker in list(self._all):
+            if not await self._take_this(worker):
+                continue  # retired meanwhile: its replacement starts on the new runtime
+            worker.swapping = True
+            try:
+                status, label = await self._exchange(worker, (SWAP, name, record.to_dict()), timeout_s)
+            finally:
+                worker.swapping = False
+            if status != "ok":
+                raise RuntimeError(f"a forward worker could not load {record.label} for {name}: {label}")
+            worker.runs[name] = label
+
+    async def _exchange(self, worker: _Worker, message: object, timeout_s: float | None = None) -> tuple[str, object]:
         """Send one message and read the answer; the worker goes back to the idle ones, or is retired."""
         worker.busy_since = time.monotonic()
+        timeout_s = timeout_s or self.timeout_s
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 reader, writer = await worker.streams()
                 payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
                 writer.writelines([_FRAME.pack(len(payload)), payload])
@@ -288,8 +328,8 @@ class WorkerPool:
                 [size] = _FRAME.unpack(await reader.readexactly(_FRAME.size))
                 answer = pickle.loads(await reader.readexactly(size))
         except TimeoutError:
-            self._retire(worker, f"did not answer within {self.timeout_s:g} s")
-            raise WorkerHung(f"the forward worker did not answer within {self.timeout_s:g} s; it has been "
+            self._retire(worker, f"did not answer within {timeout_s:g} s")
+            raise WorkerHung(f"the forward worker did not answer within {timeout_s:g} s; it has been "
                              f"replaced") from None
         except (EOFError, OSError):  # IncompleteReadError is an EOFError
             self._retire(worker, "died")

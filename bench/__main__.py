@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from app import imaging
-from app.engine import Predictor, select_device
+from app.engine import select_device
+from app.kinds import kind_of
 from app.schemas.predict import predict_response
 from app.service import ExecutionPlan, execution_plan, worker_pool
 from app.settings import Settings
@@ -105,9 +106,10 @@ def bare_forward_rates(path: Path, loaded: LoadedModel, settings: Settings, plan
     plan_label = (f"{plan.instances} {'processes' if plan.processes else 'threads'} x "
                   f"{plan.torch_threads or torch.get_num_threads()} torch threads, batch {batch_size}")
     single_label = f"1 forward x {torch.get_num_threads()} torch threads, batch {batch_size}"
-    predictor = Predictor(loaded, half=settings.half, channels_last=settings.channels_last, backend=backend,
-                          threads=torch.get_num_threads())
-    rates = {single_label: forward.images_per_second(predictor, batch_size)}
+    kind, batch = kind_of(loaded), forward.random_batch(batch_size, loaded.preprocessing.input_size)
+    handler = kind.handler(loaded, half=settings.half, channels_last=settings.channels_last, backend=backend,
+                           threads=torch.get_num_threads())
+    rates = {single_label: forward.images_per_second(handler, batch)}
     if plan.processes:
         pool = worker_pool(settings.model_copy(update={"warmup": True}), plan, loaded.device, {loaded.name: path},
                            {loaded.name: backend})
@@ -116,19 +118,18 @@ def bare_forward_rates(path: Path, loaded: LoadedModel, settings: Settings, plan
         async def pool_rate() -> forward.Rate:  # one event loop, as in the service
             try:
                 return await forward.concurrent_images_per_second_async(
-                    pool.forward(loaded.name), forward.random_batch(batch_size, predictor.input_size),
-                    plan.instances, 3.0)
+                    pool.forward(loaded.name), batch, plan.instances, 3.0)
             finally:
                 await pool.close()
 
         rates[plan_label] = asyncio.run(pool_rate())
     else:
-        plan_predictor = Predictor(loaded, half=settings.half, channels_last=settings.channels_last,
-                                   backend=backend, threads=plan.torch_threads)
-        rates[plan_label] = forward.images_per_second(plan_predictor, batch_size, instances=plan.instances,
+        plan_handler = kind.handler(loaded, half=settings.half, channels_last=settings.channels_last,
+                                    backend=backend, threads=plan.torch_threads)
+        rates[plan_label] = forward.images_per_second(plan_handler, batch, instances=plan.instances,
                                                       threads=plan.torch_threads)
     for config, rate in rates.items():
-        print(f"  {loaded.name} ({predictor.backend}): {config}: {rate.images_per_s:.0f} images/s, machine CPU "
+        print(f"  {loaded.name} ({handler.backend}): {config}: {rate.images_per_s:.0f} images/s, machine CPU "
               f"{rate.machine_cpu_ms_per_image:.2f} ms/image", flush=True)
     return rates
 
@@ -232,7 +233,7 @@ class Bench:
                           bracket: Callable[[str], None] | None = None) -> dict:
         """`urls` maps a key (the model name, for the service) to a path; `batched`: read batch sizes;
         `bracket(key)` runs right before and right after each key's runs."""
-        server = harness.start(name, command, port, ready, env=env, log_dir=self.work)
+        server = harness.start(name, command, port, ready, env=env, log_dir=self.work, chosen=ready == "/readyz")
         results = {}
         try:
             for key, path in urls.items():
@@ -291,7 +292,7 @@ def main() -> None:
     settings = Settings(checkpoint_dir=args.checkpoint_dir)
     # the classifiers: /v1/predict's models (the detector has its own bench, bench/detect.py)
     paths = [p for p in served_checkpoints(args.checkpoint_dir) if (not args.models or p.stem in args.models)
-             and load_checkpoint(p).architecture != "detector"]
+             and kind_of(load_checkpoint(p)).classifies]
     if not paths:
         raise SystemExit(f"no checkpoints to bench in {args.checkpoint_dir}")
     work = ROOT / ".bench"

@@ -16,13 +16,13 @@ import json
 
 import torch
 
-from app.engine import choose_backend, classifier_job, select_device
+from app.engine import choose_backend, select_device
+from app.kinds import kind_of
 from app.service import execution_plan
 from app.settings import Settings
 from models.backends import (BackendRecord, build_forward, candidates, cpu_flags, export_candidate,
                              images_per_second)
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
-from models.calibration import CalibratedClassifier
 
 
 def service_backend(loaded: LoadedModel, settings: Settings, threads: int) -> BackendRecord:
@@ -36,9 +36,9 @@ def backend_rates(loaded: LoadedModel, settings: Settings, threads: int, seconds
     """Candidate label -> images/s of its bare forward on a batch of real test images (the service's
     batch size), every candidate the CPU offers, in `threads` intra-op threads. A candidate that fails
     to export or load is reported as 0."""
-    job = classifier_job(loaded, settings.backend_cache_dir, settings.max_batch_size,
-                         parity_images=settings.max_batch_size)
-    module = CalibratedClassifier(loaded.model, loaded.calibration)  # what the service runs and exports
+    selection = kind_of(loaded).selection(loaded, settings.backend_cache_dir, settings.max_batch_size,
+                                          parity_images=settings.max_batch_size)
+    module, job = selection.module, selection.job  # what the service runs and exports
     forwards = {}
     rates: dict[str, float] = {}
     for candidate in candidates("auto", loaded.device, cpu_flags(), settings.half, int8=job.int8):
@@ -67,7 +67,7 @@ def main() -> None:
         if args.models and path.stem not in args.models:
             continue
         loaded = load_checkpoint(path, device=select_device(settings.device), name=path.stem)
-        if loaded.architecture == "detector":
+        if not kind_of(loaded).classifies:
             continue  # whole frames: python -m bench.detect
         chosen = service_backend(loaded, settings, threads)
         rates = backend_rates(loaded, settings, threads, args.seconds)

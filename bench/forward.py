@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine import Predictor
+from app.kinds.base import Handler
 from bench.harness import machine_cpu_seconds
 
 
@@ -73,16 +73,15 @@ def random_batch(batch_size: int, input_size: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch_size, 3, input_size, input_size), dtype=torch.uint8)
 
 
-def images_per_second(predictor: Predictor, batch_size: int, *, instances: int = 1, threads: int | None = None,
+def images_per_second(handler: Handler, batch: torch.Tensor, *, instances: int = 1, threads: int | None = None,
                       seconds: float = 3.0) -> Rate:
     """uint8 batch -> probabilities, back to back in `instances` threads, for `seconds` after a warm-up."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        batch = random_batch(batch_size, predictor.input_size)
         for _ in range(3):
-            predictor(batch)
-        return concurrent_images_per_second(predictor, batch, instances, seconds)
+            handler.run(batch)
+        return concurrent_images_per_second(handler.run, batch, instances, seconds)
     finally:
         torch.set_num_threads(previous)

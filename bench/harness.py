@@ -41,8 +41,9 @@ class Server:
 
 
 def start(name: str, command: list[str], port: int, ready_path: str, env: dict[str, str] | None = None,
-          log_dir: Path | None = None, timeout_s: float = 180) -> Server:
-    """Run `command` (which must listen on 127.0.0.1:port) until GET ready_path answers 200."""
+          log_dir: Path | None = None, timeout_s: float = 180, chosen: bool = False) -> Server:
+    """Run `command` (which must listen on 127.0.0.1:port) until GET ready_path answers 200 and, with
+    `chosen` (signserve), until its runtimes are chosen."""
     log = open(log_dir / f"{name}.log", "wb") if log_dir else subprocess.DEVNULL
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
                                stderr=subprocess.STDOUT)
@@ -54,12 +55,27 @@ def start(name: str, command: list[str], port: int, ready_path: str, env: dict[s
         try:
             with urllib.request.urlopen(server.url + ready_path, timeout=2) as response:
                 if response.status == 200:
+                    if chosen:
+                        wait_until_chosen(server.url, timeout_s)
                     return server
         except OSError:
             pass
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"{name} not ready after {timeout_s} s")
+
+
+def wait_until_chosen(url: str, timeout_s: float = 900) -> None:
+    """Wait until signserve at `url` has chosen every model's runtime (it serves on torch until then),
+    so what is timed is what it serves for good."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as response:
+            models = json.load(response)["models"]
+        if not any((m.get("backend") or {}).get("choosing") for m in models):
+            return
+        time.sleep(1)
+    raise RuntimeError(f"the runtime choice at {url} did not end within {timeout_s} s")
 
 
 def uvicorn_command(target: str, port: int, factory: bool = False) -> list[str]:

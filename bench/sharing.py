@@ -25,8 +25,8 @@ import httpx
 
 from bench.detect import percentile
 from bench.harness import ROOT, free_port, start
-from training.data import default_data_root, list_samples
-from training.gtsdb import read_ground_truth, split_frames
+from models.gtsrb import default_data_root, list_samples
+from models.gtsdb import read_ground_truth, split_frames
 
 
 def client_loop(url: str, path: str, files: list, stop: threading.Event, latencies: list[float],
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     server = start("signserve", [str(ROOT / ".venv" / "bin" / "python"), "-m", "app"], port, "/readyz",
                    env={"SIGNSERVE_HOST": "127.0.0.1", "SIGNSERVE_PORT": str(port),
-                        "SIGNSERVE_CHECKPOINT_DIR": str(checkpoints)}, timeout_s=900)
+                        "SIGNSERVE_CHECKPOINT_DIR": str(checkpoints)}, timeout_s=900, chosen=True)
     try:
         phase(server.url, 3, args.predict_clients, sign, 1, frames[:1])  # warm-up, unmeasured
         alone = phase(server.url, args.seconds, args.predict_clients, sign, 0, frames)

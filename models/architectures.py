@@ -11,6 +11,8 @@ from models.classes import NUM_CLASSES
 from models.input_sizes import DEFAULT_INPUT_SIZE
 
 ARCHITECTURES = ("cnn", "resnet18", "detector")
+# what each architecture is served as (app.kinds registers a handler per kind)
+KIND_OF_ARCHITECTURE = {"cnn": "classifier", "resnet18": "classifier", "detector": "detector"}
 POOLINGS = 3  # SignCNN's stages, each halving the side
 
 

@@ -3,7 +3,7 @@
 Candidates on the CPU: torch fp32 (channels_last; the reference), ONNX Runtime fp32, OpenVINO fp32,
 and in bf16 torch autocast and OpenVINO only where the CPU reports native bf16 (avx512_bf16 or AMX):
 emulated bf16 is slower than fp32 and changes the answers for nothing. ONNX Runtime int8 where the
-job brings calibration images and a test split (the classifiers): it must also keep torch fp32's
+job brings quantization images and a test split (the classifiers): it must also keep torch fp32's
 held-out accuracy within MAX_ACCURACY_DROP. On CUDA: torch, fp16 when asked.
 
 `select` exports the module once per (checkpoint sha256, input spec) into a cache directory, runs
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.atomic import atomic_write_text
 from models.export import QUANTIZATION_VERSION, InputSpec, export_onnx, export_openvino, quantize_onnx
 
 log = logging.getLogger("signserve")
@@ -436,14 +437,14 @@ class Job:
     accuracy: Callable[[Forward], float] | None = None  # held-out accuracy of the chosen forward, recorded
     # real training inputs (normalised batches) that set a quantised model's activation ranges, made
     # only when an int8 file has to be written; None: no int8 candidate
-    calibration: Callable[[], list[torch.Tensor]] | None = None
+    quantization_inputs: Callable[[], list[torch.Tensor]] | None = None
     measure_seconds: float = 1.5
     name: str = "model"
 
     @property
     def int8(self) -> bool:
-        """Whether an int8 candidate can be made (calibration inputs) and held to the accuracy rule."""
-        return self.calibration is not None and self.accuracy is not None
+        """Whether an int8 candidate can be made (quantization inputs) and held to the accuracy rule."""
+        return self.quantization_inputs is not None and self.accuracy is not None
 
 
 def _context(job: Job, request: str, device: torch.device, threads: int, flags: set[str]) -> dict:
@@ -472,7 +473,7 @@ def export_candidate(candidate: Candidate, module: nn.Module, job: Job) -> str:
         if candidate.precision == "int8":
             source, path = path, folder / f"model-int8-v{QUANTIZATION_VERSION}.onnx"
             if not path.is_file():
-                quantize_onnx(source, path, job.calibration(), job.metadata)
+                quantize_onnx(source, path, job.quantization_inputs(), job.metadata)
     else:
         path = folder / "openvino" / "model.xml"
         if not path.is_file() or not path.with_suffix(".bin").is_file():
@@ -514,9 +515,7 @@ def select(module: nn.Module, job: Job, *, request: str = "auto", device: torch.
             saved = record.to_dict()
             if record.artifact:  # relative to the record: a copied or moved cache still holds its files
                 saved["artifact"] = Path(record.artifact).relative_to(record_path.parent).as_posix()
-            tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(saved, indent=2) + "\n")
-            os.replace(tmp, record_path)
+            atomic_write_text(json.dumps(saved, indent=2) + "\n", record_path)
         except OSError as exc:
             log.warning("%s: the backend choice is not cached (%s); the next start chooses again", job.name, exc)
     return forward, record
@@ -584,7 +583,7 @@ def _select_now(module: nn.Module, job: Job, request: str, device: torch.device,
     if not native_bf16(flags) and "-" not in request:
         record.rejected["*-bf16"] = "not tried: the CPU reports no native bf16 (avx512_bf16 / amx_bf16)"
     if not job.int8 and request in ("auto", "onnxruntime", "onnxruntime-int8"):
-        record.rejected["onnxruntime-int8"] = "not tried: no calibration images and held-out accuracy to hold it to"
+        record.rejected["onnxruntime-int8"] = "not tried: no quantization images and held-out accuracy to hold it to"
     reference = _run_all(torch_forward(module, device), job.parity_batches, threads)
     passing: dict[str, tuple[Candidate, Forward, BackendRecord]] = {}
     for candidate in tried:

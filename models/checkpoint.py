@@ -30,22 +30,23 @@ import hashlib
 import math
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from models.architectures import build_model, classifier_head, count_parameters
-from models.calibration import Calibration
-from models.ensemble import ENSEMBLE_NAME, EnsembleSpec
+from models.atomic import atomic_save, atomic_write_text  # noqa: F401 (the checkpoint's writers)
+from models.architectures import KIND_OF_ARCHITECTURE, build_model, classifier_head, count_parameters
+from models.calibration import CalibratedClassifier, Calibration
+from models.ensemble import EnsembleSpec
 from models.preprocessing import INTERPOLATIONS, Preprocessing
 
 FORMAT = "signserve-checkpoint"
 FORMAT_VERSION = 1
-CLASSIFIER_ARCHITECTURES = ("cnn", "resnet18")  # their metrics rows carry every METRIC_FIELDS entry
+# their metrics rows carry every METRIC_FIELDS entry
+CLASSIFIER_ARCHITECTURES = tuple(a for a, kind in KIND_OF_ARCHITECTURE.items() if kind == "classifier")
 METRIC_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")
 REQUIRED_KEYS = ("format", "format_version", "architecture", "class_names", "preprocessing", "state_dict")
 RESUME_SUFFIX = ".state.pt"  # the trainer's optimizer/RNG state beside <name>.pt: not a servable checkpoint
@@ -53,36 +54,6 @@ RESUME_SUFFIX = ".state.pt"  # the trainer's optimizer/RNG state beside <name>.p
 
 class CheckpointError(ValueError):
     """The file is not a loadable signserve checkpoint (unsafe, corrupt or of another format)."""
-
-
-def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
-    """Write to a temp file beside `path`, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; give it the permissions a plain open() would (a container's
-        # non-root user must be able to read a mounted checkpoint).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save, atomically."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def safe_load(path: str | os.PathLike) -> dict:
@@ -150,13 +121,15 @@ class LoadedModel:
     calibration: Calibration = field(default_factory=Calibration)
     ensemble: EnsembleSpec | None = None
     inference: dict = field(default_factory=dict)
+    kind: str = "classifier"  # how it is served (models.architectures.KIND_OF_ARCHITECTURE, app.kinds)
 
     @property
     def test_accuracy(self) -> float | None:
-        if self.metrics:
-            return self.metrics[-1].get("test_accuracy")  # None for the detector
-        # an ensemble trains no epochs; training.calibrate measured it
-        return self.ensemble.test_accuracy if self.ensemble and self.architecture == ENSEMBLE_NAME else None
+        return self.metrics[-1].get("test_accuracy") if self.metrics else None  # None for the detector
+
+    def calibrated(self) -> CalibratedClassifier:
+        """A classifier with its calibration as one module: what is served, exported and evaluated."""
+        return CalibratedClassifier(self.model, self.calibration)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -271,6 +244,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         calibration=calibration,
         ensemble=EnsembleSpec.from_dict(ckpt["ensemble"]) if ckpt.get("ensemble") else None,
         inference=dict(ckpt.get("inference", {})),
+        kind=KIND_OF_ARCHITECTURE[ckpt["architecture"]],
     )
 
 

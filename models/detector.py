@@ -165,6 +165,9 @@ def frame_batch(images: torch.Tensor, pre) -> torch.Tensor:
     return pad_to_multiple(normalize(images, pre))
 
 
+# Boxes are found down to this score; callers keep those at or above their own min_score.
+DETECTION_FLOOR = 0.05
+
 # Heat maps and sizes are averaged over each frame and its mirror image (CenterNet's flip test): signs
 # keep their group when mirrored, and the second look costs one more forward (docs/detector.md).
 FLIP_TEST = True

@@ -27,10 +27,18 @@ def ensemble_sign_probability(member_sign_probabilities: list[torch.Tensor]) -> 
     return torch.stack(member_sign_probabilities).mean(0)
 
 
-RankedAnswer = tuple[list[int], list[float], float]  # class ids by falling probability, those, P(sign)
+# A classifier's answer for one image, as plain lists: every class id by falling probability, those
+# probabilities, and P(one of the signs)
+Ranked = tuple[list[int], list[float], float]
 
 
-def combine_ranked(member_answers: Sequence[RankedAnswer]) -> RankedAnswer:
+def ranked_answers(probabilities: torch.Tensor, signs: torch.Tensor) -> list[Ranked]:
+    """Calibrated probabilities [N, C] and sign probabilities [N] -> one Ranked answer per image."""
+    probabilities, class_ids = probabilities.float().cpu().sort(dim=1, descending=True)
+    return list(zip(class_ids.tolist(), probabilities.tolist(), signs.float().cpu().tolist()))
+
+
+def combine_ranked(member_answers: Sequence[Ranked]) -> Ranked:
     """The ensemble's answer for one image from its members' (the same means as above, on the
     plain lists the service passes around)."""
     n = len(member_answers)

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.atomic import atomic_files
+
 METADATA_SECTION = "signserve"  # OpenVINO rt_info section that holds the metadata
 ONNX_OPSET = 17
 # Training images that set an int8 model's activation ranges (spread over all 43 classes): with 256 the
 # cnn's int8 lost 0.1 point of test accuracy, with 512 0.025
-CALIBRATION_IMAGES = 512
+QUANTIZATION_IMAGES = 512
 # Part of a cached int8 file's name, so that a changed recipe quantises again (2: fp32 after the last
 # convolution)
 QUANTIZATION_VERSION = 2
@@ -62,21 +61,6 @@ def output_names(module: nn.Module, spec: InputSpec) -> list[str]:
     return ["output"] if isinstance(out, torch.Tensor) else [f"output{i}" for i in range(len(out))]
 
 
-def _atomic_output(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)` and move what it wrote beside `target`, so a killed export never leaves a
-    half-written file where a later start would find it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.stem}.", dir=target.parent))
-    try:
-        write(tmp)
-        # companions first (an IR's .bin), the named file last: once it exists, the export is whole
-        for path in sorted(tmp.iterdir(), key=lambda p: p.name == target.name):
-            os.replace(path, target.parent / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def export_onnx(module: nn.Module, spec: InputSpec, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """torch.onnx.export (TorchScript tracing, opset 17) with dynamic axes, then metadata_props."""
     import onnx
@@ -98,7 +82,7 @@ def export_onnx(module: nn.Module, spec: InputSpec, path: str | os.PathLike, met
             model.metadata_props.add(key=key, value=value)
         onnx.save(model, str(file))
 
-    return _atomic_output(path, write)
+    return atomic_files(path, write)
 
 
 def export_openvino(module: nn.Module, spec: InputSpec, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
@@ -122,13 +106,13 @@ def export_openvino(module: nn.Module, spec: InputSpec, path: str | os.PathLike,
             model.set_rt_info(value, [METADATA_SECTION, key])
         ov.save_model(model, str(tmp / path.name), compress_to_fp16=False)
 
-    return _atomic_output(path, write)
+    return atomic_files(path, write)
 
 
-def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, calibration_batches: list[torch.Tensor],
+def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, quantization_batches: list[torch.Tensor],
                   metadata: dict[str, str]) -> Path:
     """ONNX Runtime's static int8 quantisation of an exported fp32 graph: weights int8 per output
-    channel, activations uint8 with ranges from `calibration_batches` (real inputs, normalised), as
+    channel, activations uint8 with ranges from `quantization_batches` (real inputs, normalised), as
     QuantizeLinear/DequantizeLinear pairs, up to the last convolution. `reduce_range` keeps 7-bit
     weights, so the u8 x s8 multiply-adds of AVX2 CPUs without VNNI do not saturate.
 
@@ -145,7 +129,7 @@ def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, calibratio
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calibration_batches)
+            self.batches = iter(quantization_batches)
 
         def get_next(self) -> dict | None:
             batch = next(self.batches, None)
@@ -167,7 +151,7 @@ def quantize_onnx(source: str | os.PathLike, path: str | os.PathLike, calibratio
             model.metadata_props.add(key=key, value=value)
         onnx.save(model, str(file))
 
-    return _atomic_output(path, write)
+    return atomic_files(path, write)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

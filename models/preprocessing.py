@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from models.input_sizes import DEFAULT_INPUT_SIZE
 
 # Per-channel statistics of the GTSRB training images after resizing to 32x32, in [0, 1] units
-# (measured with `python -m training.data --stats`). Close enough for any input size.
+# (measured with `python -m models.gtsrb --stats`). Close enough for any input size.
 GTSRB_MEAN: tuple[float, float, float] = (0.3433, 0.3151, 0.3253)
 GTSRB_STD: tuple[float, float, float] = (0.2759, 0.2646, 0.2706)
 
@@ -51,22 +51,37 @@ class Preprocessing:
         """(width, height) an image of this size is resized to."""
         if self.resize == "square":
             return self.input_size, self.input_size
-        scale = min(1.0, self.input_size / max(width, height))
-        return max(1, round(width * scale)), max(1, round(height * scale))
+        return scaled_size(width, height, self.input_size)
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 INTERPOLATIONS = frozenset(_RESAMPLE)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (the same image when it already is)."""
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette images may carry transparency; go through RGBA
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied, RGB: the image whose pixel coordinates the answers use."""
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled so the long side is at most `max_side`, aspect ratio kept (never enlarged)."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    ratio = max_side / max(width, height)
+    return max(1, round(width * ratio)), max(1, round(height * ratio))
+
+
 def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """A PIL image in any mode -> uint8 tensor [3, H, W]: EXIF orientation applied, RGB, resized
     (H = W = input_size for "square", the aspect kept for "fit")."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "P":
-        image = image.convert("RGBA")  # palette images may carry transparency; go through RGBA
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = upright_rgb(image)
     size = pre.target_size(*image.size)
     if size != image.size:
         image = image.resize(size, _RESAMPLE[pre.interpolation])

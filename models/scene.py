@@ -1,74 +1,124 @@
-"""A street photo in, every sign out: the detector finds boxes, a classifier names each one.
+"""A street photo in, every sign out: the one scene pipeline (find, name, filter, map back).
 
-`find_signs` is the reference pipeline, run in-process by `training.evaluate_detection` and the
-tests; the service runs the same steps (the same functions below) through its batchers.
+`name_signs` is the pipeline. It takes the two model steps as async callables, so the same code runs
+the service's batchers (`/v1/detect`), in-process models (`find_signs`: `training.evaluate_detection`,
+the tests) and the `signserve` batch command:
+
+    find(frames)  uint8 frames [3, H, W]        -> per frame, (box, score, group) by falling score
+    name(crops)   uint8 classifier crops [3, S, S] -> per crop, a Ranked answer (models.ensemble)
+
+Boxes come back in the uploaded image's pixels; a box the classifier does not recognise as one of
+the 43 signs (models.calibration.is_recognized) is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from models.calibration import calibrated_outputs, is_recognized
+from models.calibration import RecognitionRule, is_recognized
 from models.checkpoint import LoadedModel
-from models.detector import FLIP_TEST, GROUPS, classifier_crops, detect
-from models.preprocessing import image_to_uint8, normalize
+from models.detector import DETECTION_FLOOR, FLIP_TEST, GROUPS, classifier_crops, detect, pad_stack
+from models.ensemble import Ranked, ranked_answers
+from models.preprocessing import Preprocessing, image_to_uint8, normalize, scaled_size, upright_rgb
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2
+Found = tuple[Box, float, int]  # a detection: box in the frame's pixels, score, group index
+Find = Callable[[list[torch.Tensor]], Awaitable[list[list[Found]]]]
+Name = Callable[[list[torch.Tensor]], Awaitable[list[Ranked]]]
 
 
 @dataclass(frozen=True)
 class FoundSign:
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the uploaded image's pixels
+    box: Box  # in the uploaded image's pixels
     score: float  # the detector's confidence that a sign is centred there
     group: str  # the detector's shape/colour group
     class_id: int  # the classifier's top-1 of the 43 classes
     probability: float  # the classifier's probability of that class
 
 
-def to_image_boxes(boxes: list[tuple[float, float, float, float]], image_size: tuple[int, int],
-                   input_size: tuple[int, int]) -> list[tuple[float, float, float, float]]:
-    """Boxes in the detector's (resized) input -> the original image's pixels, clipped to it."""
-    (width, height), (w, h) = image_size, input_size
-    kx, ky = width / w, height / h
-    return [(max(0.0, x1 * kx), max(0.0, y1 * ky), min(float(width), x2 * kx), min(float(height), y2 * ky))
-            for x1, y1, x2, y2 in boxes]
+@dataclass(frozen=True)
+class Scene:
+    """A photo ready for the pipeline: `image` RGB and upright, its long side at most the detector's
+    input; `original_size` the upload's upright (width, height), which the answers' boxes use."""
+
+    image: Image.Image
+    original_size: tuple[int, int]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sx, sy): what a coordinate in `image` is multiplied by to land in the upload's pixels."""
+        return self.original_size[0] / self.image.width, self.original_size[1] / self.image.height
+
+    def to_original(self, box: Box) -> Box:
+        """A box in `image` -> the upload's pixels, clipped to it."""
+        (sx, sy), (width, height) = self.scale, self.original_size
+        x1, y1, x2, y2 = box
+        return max(0.0, x1 * sx), max(0.0, y1 * sy), min(float(width), x2 * sx), min(float(height), y2 * sy)
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """EXIF orientation applied, RGB: the image whose pixel coordinates the answers use."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode == "P":
-        image = image.convert("RGBA")  # palette images may carry transparency; go through RGBA
-    return image if image.mode == "RGB" else image.convert("RGB")
+DEFAULT_SCORE_THRESHOLD = 0.3  # for a detector checkpoint that stores none (training.evaluate_detection does)
 
 
-@torch.inference_mode()
-def classify(classifier: LoadedModel, crops: torch.Tensor) -> tuple[list[int], list[float], list[bool]]:
-    """uint8 crops [K, 3, S, S] -> top-1 class ids, their calibrated probabilities, and whether each
-    crop is recognised as one of the 43 signs (models.calibration.is_recognized, as the service)."""
-    if len(crops) == 0:
-        return [], [], []
-    # NHWC input: ~1.4x faster convolutions on the CPU for the same answers
-    x = normalize(crops.to(classifier.device), classifier.preprocessing).contiguous(memory_format=torch.channels_last)
-    probabilities, signs = calibrated_outputs(classifier.model, classifier.calibration, x)
-    best, class_ids = probabilities.max(1)
-    recognized = is_recognized(best, signs, classifier.calibration.rule)
-    return class_ids.tolist(), best.tolist(), recognized.tolist()
+def score_threshold(detector: LoadedModel) -> float:
+    """The detector's default min_score: the one its evaluation chose and stored in the checkpoint."""
+    return detector.inference.get("score_threshold", DEFAULT_SCORE_THRESHOLD)
+
+
+def scene_of(image: Image.Image, max_side: int) -> Scene:
+    """An opened image as a Scene (the service's decoder builds the same, reducing while it decodes)."""
+    upright = upright_rgb(image)
+    size = scaled_size(*upright.size, max_side)
+    small = upright if size == upright.size else upright.resize(size, Image.Resampling.BILINEAR)
+    return Scene(small, upright.size)
+
+
+def scene_frame(scene: Scene, pre: Preprocessing) -> torch.Tensor:
+    """The detector's input for a scene: uint8 [3, H, W] (already at size: no resize happens)."""
+    return image_to_uint8(scene.image, pre)
+
+
+async def name_signs(scenes: Sequence[Scene], find: Find, name: Name, *, detector_pre: Preprocessing,
+                     classifier_pre: Preprocessing, rule: RecognitionRule, min_score: float) -> list[list[FoundSign]]:
+    """Per scene, every sign at or above `min_score` that the classifier recognises, by falling score."""
+    found = await find([scene_frame(s, detector_pre) for s in scenes])
+    kept = [[f for f in frame if f[1] >= min_score] for frame in found]
+    crops = [await asyncio.to_thread(classifier_crops, scene.image, [f[0] for f in signs], classifier_pre)
+             for scene, signs in zip(scenes, kept) if signs]
+    ranked = iter(await name([c for batch in crops for c in batch]) if crops else [])
+    answers = []
+    for scene, signs in zip(scenes, kept):
+        named = []
+        for (box, score, group), (class_ids, probabilities, sign_probability) in zip(signs, ranked):
+            if is_recognized(probabilities[0], sign_probability, rule):
+                named.append(FoundSign(scene.to_original(box), score, GROUPS[group], class_ids[0], probabilities[0]))
+        answers.append(named)
+    return answers
 
 
 def find_signs(image: Image.Image, detector: LoadedModel, classifier: LoadedModel,
                min_score: float | None = None, flip_test: bool = FLIP_TEST) -> list[FoundSign]:
-    """Every sign in `image` by falling detector score (min_score: the checkpoint's threshold); boxes
-    the classifier does not recognise as one of the 43 signs are dropped."""
-    if min_score is None:
-        min_score = detector.inference.get("score_threshold", 0.3)
-    image = upright_rgb(image)
-    frame = image_to_uint8(image, detector.preprocessing)
-    (found,) = detect(detector.model, frame.unsqueeze(0).to(detector.device), detector.preprocessing,
-                      min_score=min_score, flip_test=flip_test)
-    boxes = to_image_boxes([d.box for d in found], image.size, (frame.shape[2], frame.shape[1]))
-    class_ids, probabilities, recognized = classify(classifier, classifier_crops(image, boxes,
-                                                                                 classifier.preprocessing))
-    return [FoundSign(box, d.score, GROUPS[d.group], c, p)
-            for box, d, c, p, r in zip(boxes, found, class_ids, probabilities, recognized) if r]
+    """`name_signs` on one photo with in-process models (min_score: the detector's threshold)."""
+    min_score = score_threshold(detector) if min_score is None else min_score
+    calibrated = classifier.calibrated()
+
+    async def find(frames: list[torch.Tensor]) -> list[list[Found]]:
+        batch = pad_stack(frames, detector.preprocessing).to(detector.device)
+        found = detect(detector.model, batch, detector.preprocessing, min_score=min(min_score, DETECTION_FLOOR),
+                       flip_test=flip_test)
+        return [[(d.box, d.score, d.group) for d in frame] for frame in found]
+
+    async def name(crops: list[torch.Tensor]) -> list[Ranked]:
+        with torch.inference_mode():
+            # NHWC input: ~1.4x faster convolutions on the CPU for the same answers
+            x = normalize(torch.stack(crops).to(classifier.device), classifier.preprocessing)
+            return ranked_answers(*calibrated(x.contiguous(memory_format=torch.channels_last)))
+
+    scene = scene_of(image, detector.preprocessing.input_size)
+    return asyncio.run(name_signs([scene], find, name, detector_pre=detector.preprocessing,
+                                  classifier_pre=classifier.preprocessing, rule=classifier.calibration.rule,
+                                  min_score=min_score))[0]

@@ -137,7 +137,7 @@ def classifier_names(server: LiveServer) -> list[str]:
 def gtsrb_test_samples() -> list[tuple[str, int]]:
     """(path, class id) of the real GTSRB test images."""
     from models.paths import default_data_root
-    from training.data import list_samples
+    from models.gtsrb import list_samples
 
     try:
         return list_samples(default_data_root(), "test")

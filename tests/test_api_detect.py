@@ -11,8 +11,8 @@ from PIL import Image
 
 from helpers import encode, files
 from models.detector import box_iou
-from training.data import default_data_root
-from training.gtsdb import read_ground_truth, split_frames
+from models.gtsrb import default_data_root
+from models.gtsdb import read_ground_truth, split_frames
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from conftest import app_client
 from helpers import encode, files, png_declaring
 from models.detector import box_iou
 from models.paths import default_data_root
-from training.gtsdb import read_ground_truth, split_frames
+from models.gtsdb import read_ground_truth, split_frames
 
 QUEUE = 8
 

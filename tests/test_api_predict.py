@@ -150,7 +150,7 @@ def test_accuracy_over_http_matches_training_evaluate(server, client, gtsrb_test
     training.evaluate classifies the same images (within 0.5 points)."""
     from models.checkpoint import load_checkpoint
     from models.preprocessing import image_to_uint8, normalize
-    from training.data import TensorSplit
+    from models.gtsrb import TensorSplit
     from training.evaluate import evaluate
 
     if not (server.checkpoint_dir / "cnn.pt").is_file():

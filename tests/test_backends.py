@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from app.engine import Predictor, classifier_job
+from app.kinds import kind_of
+from app.kinds.classifier import Predictor
 from models.backends import (BACKENDS, PROBABILITY_TOLERANCE, TORCH_FP32, BackendRecord, Job, installed,
                              load_forward, output_parity, select, torch_forward)
-from models.calibration import CalibratedClassifier
 from models.checkpoint import load_checkpoint
-from models.export import CALIBRATION_IMAGES, InputSpec, read_metadata
+from models.export import QUANTIZATION_IMAGES, InputSpec, read_metadata
 from models.preprocessing import Preprocessing, normalize
-from training.data import default_data_root
+from models.gtsrb import default_data_root
 
 RUNTIMES = [b for b in BACKENDS if b != "torch" and installed(b)]
 GTSDB_IMAGES = Path(default_data_root()) / "gtsdb" / "images"  # beside gtsrb/
@@ -31,18 +31,18 @@ GTSDB_IMAGES = Path(default_data_root()) / "gtsdb" / "images"  # beside gtsrb/
 def job_for(name: str, checkpoint_snapshot, tmp_path, parity_images: int, accuracy: bool = False,
             int8: bool = False) -> tuple:
     loaded = load_checkpoint(checkpoint_snapshot / f"{name}.pt", name=name)
-    job = classifier_job(loaded, tmp_path / "cache", batch_size=32, parity_images=parity_images)
+    job = kind_of(loaded).selection(loaded, tmp_path / "cache", batch_size=32, parity_images=parity_images).job
     job.measure_seconds = 0.3
     if not accuracy:
         job.accuracy = None
     if not int8:  # the fp32 runtimes alone (an explicit runtime serves its fastest passing variant)
-        job.calibration = None
+        job.quantization_inputs = None
     return loaded, job
 
 
 def real_batch(loaded, n: int, offset: int = 3000) -> torch.Tensor:
     """n real GTSRB test images (uint8) from past the first `offset`, as the service receives them."""
-    from training.data import default_data_root, load_split
+    from models.gtsrb import default_data_root, load_split
 
     split = load_split(default_data_root(), "test", loaded.preprocessing)
     return split.images[offset:offset + n]
@@ -56,7 +56,7 @@ def test_each_runtime_answers_like_torch_on_real_images(name, backend, checkpoin
                           accuracy=name == "cnn")
     # the module the service runs: the network with its calibration (app.engine.choose_backend); fp32 asked
     # for by name, so that a CPU with bf16 runs the same check
-    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request=f"{backend}-fp32",
+    forward, record = select(loaded.calibrated(), job, request=f"{backend}-fp32",
                              threads=1)
     assert (record.backend, record.precision) == (backend, "fp32"), record
     figures = record.parity[record.label]
@@ -69,7 +69,7 @@ def test_each_runtime_answers_like_torch_on_real_images(name, backend, checkpoin
     assert predictor.backend == record.label
     for size in (1, 7, 33):
         images = real_batch(loaded, size)
-        got, want = predictor(images), reference(images)
+        got, want = predictor.probabilities(images), reference.probabilities(images)
         assert torch.equal(got.argmax(1), want.argmax(1))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     if name == "cnn":  # the served variant's held-out accuracy, within 0.1 point of training's figure
@@ -117,13 +117,13 @@ def test_the_detector_on_whole_frames_of_any_size(backend, tmp_path):
 
 @pytest.mark.parametrize("backend", RUNTIMES)
 def test_the_shipped_detector_serves_on_each_runtime(backend, checkpoint_snapshot, tmp_path):
-    """The service's own path: detector_job checks parity on real validation frames, and the
+    """The service's own path: the detector kind's selection job checks parity on real validation frames, and the
     DetectorPredictor on the chosen runtime finds the same signs as torch in frames of other sizes."""
-    from app.engine import DetectorPredictor, detector_job
+    from app.kinds.detector import DetectorPredictor
     from models.preprocessing import image_to_uint8
 
     loaded = load_checkpoint(checkpoint_snapshot / "detector.pt", name="detector")
-    job = detector_job(loaded, tmp_path / "cache")
+    job = kind_of(loaded).selection(loaded, tmp_path / "cache", batch_size=1, parity_images=0).job
     if not job.parity_batches:
         pytest.skip(f"no GTSDB frames under {default_data_root()}")
     job.measure_seconds = 0.3
@@ -218,17 +218,14 @@ def test_without_real_images_torch_is_kept(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("name", ["cnn", "detector"])
-def test_without_the_training_package_the_jobs_have_no_images(name, checkpoint_snapshot, tmp_path, monkeypatch,
-                                                              caplog):
-    """The container image ships app/ and models/ only: choosing a backend there finds nothing to check
+def test_without_the_data_set_the_jobs_have_no_images(name, checkpoint_snapshot, tmp_path, monkeypatch, caplog):
+    """The container image ships no GTSRB or GTSDB: choosing a backend there finds nothing to check
     parity on and keeps torch, with a warning rather than an error."""
-    from app.engine import choose_backend, classifier_job, detector_job
+    from app.engine import choose_backend
 
-    for module in ("training.data", "training.gtsdb"):
-        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    monkeypatch.setenv("GTSRB_ROOT", str(tmp_path / "no-data-here"))
     loaded = load_checkpoint(checkpoint_snapshot / f"{name}.pt", name=name)
-    job = (detector_job(loaded, tmp_path) if name == "detector" else
-           classifier_job(loaded, tmp_path, batch_size=8, parity_images=8))
+    job = kind_of(loaded).selection(loaded, tmp_path, batch_size=8, parity_images=8).job
     assert job.parity_batches == [] and job.accuracy is None
     with caplog.at_level(logging.WARNING, logger="signserve"):
         record = choose_backend(loaded, "auto", cache_dir=tmp_path, batch_size=8, parity_images=8, threads=1)
@@ -300,7 +297,7 @@ def test_the_service_serves_the_chosen_backend_and_shows_it(cnn_snapshot, tmp_pa
         assert f"cnn runs on {label}" in log and ("(cached choice)" in log) == (start == "second")
     from models.preprocessing import image_to_uint8
 
-    want = Predictor(loaded, backend=None, threads=1)(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
+    want = Predictor(loaded, backend=None, threads=1).probabilities(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
     got = {p["class_id"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
     assert max(got, key=got.get) == int(want.argmax())
     # within the parity rule of what was chosen (int8 where it passed, else an fp32 runtime)
@@ -329,7 +326,7 @@ def test_the_in_process_engine_runs_the_requested_backend(request_, cnn_snapshot
     parity = backend["parity"][label]
     assert parity["top1_mismatches"] == 0 and parity["tolerance"] == PROBABILITY_TOLERANCE[precision]
     loaded = load_checkpoint(cnn_snapshot / "cnn.pt")
-    want = Predictor(loaded, threads=1)(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
+    want = Predictor(loaded, threads=1).probabilities(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
     got = {p["class_id"]: p["probability"] for p in answer["results"][0]["predictions"]}
     assert max(got, key=got.get) == int(want.argmax())
     assert max(abs(got[i] - float(want[i])) for i in got) <= PROBABILITY_TOLERANCE[precision]
@@ -385,7 +382,7 @@ def test_the_bf16_branch_forced_on_any_cpu(cnn_snapshot, tmp_path):
     """SIGNSERVE_BACKEND=torch-bf16 runs bf16 autocast whatever the CPU reports (emulated where it has no
     bf16), held to the bf16 parity rule: the path a bf16 CPU takes, exercised on every machine."""
     loaded, job = job_for("cnn", cnn_snapshot, tmp_path, parity_images=128)
-    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="torch-bf16",
+    forward, record = select(loaded.calibrated(), job, request="torch-bf16",
                              threads=1)
     figures = record.parity["torch-bf16"]
     assert figures["tolerance"] == PROBABILITY_TOLERANCE["bf16"] and figures["images"] == 128
@@ -431,8 +428,8 @@ def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkp
     from models.backends import MAX_ACCURACY_DROP
 
     loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=500, accuracy=True, int8=True)
-    assert sum(len(b) for b in job.calibration()) == CALIBRATION_IMAGES and job.int8
-    forward, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job,
+    assert sum(len(b) for b in job.quantization_inputs()) == QUANTIZATION_IMAGES and job.int8
+    forward, record = select(loaded.calibrated(), job,
                              request="onnxruntime-int8", threads=1)
     figures = record.parity["onnxruntime-int8"]
     assert figures["images"] == 500 and figures["outliers"] <= figures["outliers_allowed"] == 2, figures
@@ -452,16 +449,17 @@ def test_int8_is_calibrated_on_training_images_and_held_to_the_test_split(checkp
     # the service's handler on other real images: the same top-1 on nearly all
     predictor, reference_predictor = Predictor(loaded, backend=record, threads=1), Predictor(loaded, threads=1)
     images = real_batch(loaded, 200)
-    agree = (predictor(images).argmax(1) == reference_predictor(images).argmax(1)).float().mean()
+    agree = (predictor.probabilities(images).argmax(1) ==
+             reference_predictor.probabilities(images).argmax(1)).float().mean()
     assert agree >= 0.99
 
 
 @pytest.mark.skipif("onnxruntime" not in RUNTIMES, reason="onnxruntime not installed")
 def test_int8_calibrated_on_blank_images_is_not_served(checkpoint_snapshot, tmp_path):
     loaded, job = job_for("cnn", checkpoint_snapshot, tmp_path, parity_images=128, accuracy=True, int8=True)
-    real = job.calibration()
-    job.calibration = lambda: [torch.zeros_like(b) for b in real]  # no range to learn
-    _, record = select(CalibratedClassifier(loaded.model, loaded.calibration), job, request="onnxruntime",
+    real = job.quantization_inputs()
+    job.quantization_inputs = lambda: [torch.zeros_like(b) for b in real]  # no range to learn
+    _, record = select(loaded.calibrated(), job, request="onnxruntime",
                        threads=1)
     assert record.rejected["onnxruntime-int8"].startswith("parity:"), record.rejected
     assert record.label == "onnxruntime-fp32"

@@ -293,7 +293,7 @@ def test_a_failing_forward_fails_its_batch_only():
 def test_batched_real_model_equals_one_image_at_a_time(checkpoint_snapshot, gtsrb_test_samples):
     from PIL import Image
 
-    from app.engine import Predictor
+    from app.kinds.classifier import Predictor
     from models.checkpoint import load_checkpoint
     from models.preprocessing import image_to_uint8
 
@@ -304,7 +304,7 @@ def test_batched_real_model_equals_one_image_at_a_time(checkpoint_snapshot, gtsr
             images.append(image_to_uint8(im, predictor.loaded.preprocessing))
 
     async def main():
-        batcher = DynamicBatcher(predictor, max_batch_size=64, max_wait_s=0.05, queue_size=100)
+        batcher = DynamicBatcher(predictor.probabilities, max_batch_size=64, max_wait_s=0.05, queue_size=100)
         batcher.start()
         rows = await asyncio.gather(*(batcher.predict([im]) for im in images))
         await batcher.stop()
@@ -312,7 +312,7 @@ def test_batched_real_model_equals_one_image_at_a_time(checkpoint_snapshot, gtsr
 
     batched = run(main())
     for im, row in zip(images, batched):
-        torch.testing.assert_close(row, predictor(im[None])[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(row, predictor.probabilities(im[None])[0], atol=1e-5, rtol=1e-4)
 
 
 # --- over HTTP --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from models.paths import PROJECT_ROOT as ROOT
 from models.architectures import classifier_head
 from models.checkpoint import atomic_save, load_checkpoint, safe_load
-from training.data import default_data_root
+from models.gtsrb import default_data_root
 
 
 def test_calibrate_writes_the_calibration_into_an_uncalibrated_checkpoint(tmp_path, checkpoint_snapshot):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-import training.data as data
+import models.gtsrb as data
 from models.preprocessing import Preprocessing
 
 

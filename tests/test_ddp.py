@@ -15,7 +15,7 @@ import pytest
 from models.checkpoint import load_checkpoint
 from models.paths import default_data_root
 from models.preprocessing import Preprocessing
-from training.data import load_split
+from models.gtsrb import load_split
 from training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent

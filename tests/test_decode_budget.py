@@ -20,7 +20,7 @@ from helpers import encode, files
 @pytest.fixture(scope="module")
 def phone_photo() -> bytes:
     """A real street frame blown up to a 48 Mpx (8000x6000) JPEG, as a phone takes them."""
-    from training.data import default_data_root
+    from models.gtsrb import default_data_root
 
     frame = Path(default_data_root()) / "gtsdb" / "images" / "00001.jpg"
     if not frame.exists():
@@ -62,7 +62,7 @@ def test_decode_image_reduces_a_phone_photo_to_the_scene_size(phone_photo):
     assert decoded.image.mode == "RGB" and decoded.image.size == (1360, 1020)
     assert decoded.original_size == (8000, 6000)
     assert decoded.scale == pytest.approx((8000 / 1360, 6000 / 1020))
-    assert decoded.to_original(1360, 1020) == pytest.approx((8000, 6000))
+    assert decoded.to_original((0, 0, 1360, 1020)) == pytest.approx((0, 0, 8000, 6000))
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
@@ -80,8 +80,7 @@ def test_decode_image_applies_exif_orientation_and_maps_points_back(fmt):
     red = [(x, y) for y in range(decoded.image.height) for x in range(decoded.image.width)
            if decoded.image.getpixel((x, y))[0] > 200 and decoded.image.getpixel((x, y))[1] < 60]
     xs, ys = [p[0] for p in red], [p[1] for p in red]
-    left, top = decoded.to_original(min(xs), min(ys))
-    right, bottom = decoded.to_original(max(xs) + 1, max(ys) + 1)
+    left, top, right, bottom = decoded.to_original((min(xs), min(ys), max(xs) + 1, max(ys) + 1))
     assert (left, top, right, bottom) == pytest.approx((2100, 3000, 2500, 3400), abs=2 * decoded.scale[0])
 
 

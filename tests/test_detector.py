@@ -15,11 +15,11 @@ from models.checkpoint import load_checkpoint
 from models.detector import (GROUPS, STRIDE, SignDetector, box_iou, classifier_crops, crop_box, decode,
                              group_of, pad_to_multiple)
 from models.preprocessing import Preprocessing, image_to_uint8
-from models.scene import to_image_boxes
-from training.data import default_data_root
+from models.scene import Scene
+from models.gtsrb import default_data_root
 from training.detection_data import make_targets
 from training.detection_metrics import average_precision, balanced_threshold, detection_summary, match
-from training.gtsdb import VAL_FRAMES, frame_number, read_ground_truth, split_frames
+from models.gtsdb import VAL_FRAMES, frame_number, read_ground_truth, split_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def test_boxes_map_back_to_the_uploaded_image_and_crops_keep_a_margin():
     pre = Preprocessing(input_size=1360, resize="fit")
     assert pre.target_size(4000, 3000) == (1360, 1020) and pre.target_size(1360, 800) == (1360, 800)
     assert pre.target_size(600, 400) == (600, 400)  # never enlarged
-    [box] = to_image_boxes([(100, 50, 200, 150)], (4000, 3000), (1360, 1020))
+    box = Scene(Image.new("RGB", (1360, 1020)), (4000, 3000)).to_original((100, 50, 200, 150))
     assert box == pytest.approx((100 * 4000 / 1360, 50 * 3000 / 1020, 200 * 4000 / 1360, 150 * 3000 / 1020))
     assert crop_box((100, 100, 150, 150), 1000, 1000) == (95, 95, 155, 155)
     assert crop_box((0, 0, 20, 20), 15, 15) == (0, 0, 15, 15)  # clipped to the image

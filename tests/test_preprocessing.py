@@ -11,7 +11,7 @@ from PIL import Image
 from app.imaging import open_image, to_input
 from models.paths import default_data_root
 from models.preprocessing import Preprocessing, image_to_uint8, normalize
-from training.data import _decode, list_samples
+from models.gtsrb import _decode, list_samples
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_equalisation_stretches_a_dark_image():
 
 
 def test_samples_are_listed_exactly_as_torchvision_lists_them(tmp_path):
-    """training.data reads the layout itself (importing torchvision costs a process seconds); on the
+    """models.gtsrb reads the layout itself (importing torchvision costs a process seconds); on the
     official release's .ppm files its files, order and class ids must be torchvision's."""
     from torchvision.datasets import GTSRB
 

@@ -12,7 +12,7 @@ from models.checkpoint import load_checkpoint
 from models.ensemble import ENSEMBLE_NAME
 from training.calibration_data import VALIDATION_FRAMES, background_images, background_squares
 from training.collect import logits_and_features
-from training.data import default_data_root, load_split
+from models.gtsrb import default_data_root, load_split
 
 GTSDB = f"{default_data_root()}/gtsdb"
 SERVED = ("cnn", "resnet18", ENSEMBLE_NAME)

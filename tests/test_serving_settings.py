@@ -67,12 +67,13 @@ def test_cuda_requested_without_a_gpu_fails_start_up_loudly(checkpoint_snapshot,
 def test_a_detector_leaves_one_forward_instance_to_the_classifiers(checkpoint_snapshot):
     """Street frames take a second or more per forward: with every instance on them, classifier batches
     of a few milliseconds would wait behind frames (bench.sharing measures it)."""
-    from app.service import batching_for
+    from app.kinds import kind_of
     from models.checkpoint import load_checkpoint
 
     detector = load_checkpoint(checkpoint_snapshot / "detector.pt")
     cnn = load_checkpoint(checkpoint_snapshot / "cnn.pt")
-    assert batching_for(detector, 64, instances=2)["instances"] == 1
-    assert batching_for(detector, 64, instances=4)["instances"] == 3
-    assert batching_for(detector, 64, instances=1)["instances"] == 1  # nothing to leave on one instance
-    assert batching_for(cnn, 64, instances=2)["instances"] == 2
+    batching = kind_of(detector).batching
+    assert batching(detector, 64, instances=2).instances == 1
+    assert batching(detector, 64, instances=4).instances == 3
+    assert batching(detector, 64, instances=1).instances == 1  # nothing to leave on one instance
+    assert kind_of(cnn).batching(cnn, 64, instances=2).instances == 2

@@ -9,8 +9,8 @@ import pytest
 
 from models.checkpoint import load_checkpoint
 from models.paths import default_data_root
-from training.data import list_samples
-from training.gtsdb import read_ground_truth, split_frames
+from models.gtsrb import list_samples
+from models.gtsdb import read_ground_truth, split_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "models" / "checkpoints"

@@ -13,7 +13,7 @@ import pytest
 
 from models.checkpoint import load_checkpoint
 from models.paths import default_data_root
-from training.data import list_samples
+from models.gtsrb import list_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--max-train-samples", "600", "--max-test-samples", "300", "--batch-size", "64"]

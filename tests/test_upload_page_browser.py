@@ -108,8 +108,8 @@ def test_api_docs_render_offline_under_the_content_security_policy(browser, serv
 def test_upload_page_boxes_the_signs_of_a_street_photo(browser, server, client, gtsrb_test_samples, tmp_path):
     from PIL import Image
 
-    from training.data import default_data_root
-    from training.gtsdb import read_ground_truth, split_frames
+    from models.gtsrb import default_data_root
+    from models.gtsdb import read_ground_truth, split_frames
 
     crop_path, _ = gtsrb_test_samples[20]
     crop = tmp_path / "crop.png"
@@ -157,7 +157,7 @@ def test_upload_page_says_plainly_when_no_sign_is_recognised(browser, server, cl
     from PIL import Image
 
     from training.calibration_data import VALIDATION_FRAMES, background_images, background_squares
-    from training.data import default_data_root
+    from models.gtsrb import default_data_root
 
     gtsdb = f"{default_data_root()}/gtsdb"
     # a patch of street scene away from every sign, and a real sign

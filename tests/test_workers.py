@@ -20,7 +20,7 @@ from models.checkpoint import load_checkpoint
 def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
     """Two workers, concurrent batches of 64 ResNet18 inputs (786 kB each, more than a Unix socket
     buffer holds) and one of the cnn, all over the event loop's streams."""
-    from app.engine import Predictor
+    from app.kinds.classifier import Predictor
     from app.workers import WorkerPool
     from models.checkpoint import load_checkpoint
 
@@ -46,7 +46,7 @@ def test_worker_pool_answers_like_the_in_process_predictor(checkpoint_snapshot):
     for name, items in batches.items():
         predictor = Predictor(load_checkpoint(paths[name], name=name))
         for batch, answer in zip(items, answers[name]):
-            expected = predictor.ranked(batch)
+            expected = predictor.run(batch)
             assert len(answer) == len(batch)
             for (ids, probabilities, *_), (want_ids, want_probabilities, *_) in zip(answer, expected):
                 assert ids[0] == want_ids[0]

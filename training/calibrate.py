@@ -41,7 +41,7 @@ from models.preprocessing import Preprocessing
 from training.calibration_data import (FIT_FRAMES, VALIDATION_FRAMES, gtsdb_background_patches, gtsdb_sign_crops,
                                        track_split)
 from training.collect import logits_and_features
-from training.data import default_data_root, list_samples, load_split
+from models.gtsrb import default_data_root, list_samples, load_split
 
 VALIDATION_REJECTION = 0.98  # share of validation background patches the gate must reject
 TARGET_PRECISION = 0.995  # wanted share of right answers among the recognised ones

@@ -23,7 +23,7 @@ from models.classes import CLASS_NAMES, NUM_CLASSES
 from models.ensemble import ensemble_probabilities
 from models.paths import default_data_root
 from models.preprocessing import normalize
-from training.data import TensorSplit, list_samples, load_split
+from models.gtsrb import TensorSplit, list_samples, load_split
 
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:

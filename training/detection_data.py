@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.detector import STRIDE, group_of
-from training.gtsdb import Frame
+from models.gtsdb import Frame
 
 
 @dataclass

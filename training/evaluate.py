@@ -16,7 +16,7 @@ from torch import nn
 from models.checkpoint import load_checkpoint
 from models.paths import default_data_root
 from models.preprocessing import Preprocessing, normalize
-from training.data import TensorSplit, load_split
+from models.gtsrb import TensorSplit, load_split
 from training.metrics import LossAccuracy
 
 
@@ -39,18 +39,6 @@ def evaluate(model: nn.Module, split: TensorSplit, pre: Preprocessing, device: t
         totals.update(logits, y)
     model.train(was_training)
     return totals.result(world)
-
-
-@torch.inference_mode()
-def forward_accuracy(forward, split: TensorSplit, pre: Preprocessing, batch_size: int = 256) -> float:
-    """Top-1 accuracy over `split` of any forward on the normalised batch (a module, or a backend's
-    forward); for a pair of outputs (CalibratedClassifier's) the first holds the class scores."""
-    correct = 0
-    for i in range(0, len(split), batch_size):
-        out = forward(normalize(split.images[i:i + batch_size], pre))
-        scores = out[0] if isinstance(out, (tuple, list)) else out
-        correct += int((scores.argmax(1) == split.labels[i:i + batch_size]).sum())
-    return correct / len(split)
 
 
 def main() -> None:

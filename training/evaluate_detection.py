@@ -24,9 +24,9 @@ from PIL import Image
 from models.checkpoint import atomic_save, load_checkpoint, safe_load
 from models.detector import GROUPS, group_of
 from models.scene import find_signs
-from training.data import PROJECT_ROOT, default_data_root
+from models.gtsrb import PROJECT_ROOT, default_data_root
 from training.detection_metrics import balanced_threshold, detection_summary, match
-from training.gtsdb import read_ground_truth, split_frames
+from models.gtsdb import read_ground_truth, split_frames
 
 SIZE_BUCKETS = ((0, 24), (24, 48), (48, 10_000))  # sign width in pixels
 SWEEP = tuple(t / 100 for t in range(20, 71, 5))  # the score thresholds --sweep reports

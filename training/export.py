@@ -53,9 +53,8 @@ def export_int8(checkpoint: str | Path, data_root: str, out: str | Path | None =
     and the test-split accuracy of the int8 file and of torch fp32."""
     import tempfile
 
-    from models.export import CALIBRATION_IMAGES, quantize_onnx
-    from training.data import calibration_batches, load_split
-    from training.evaluate import forward_accuracy
+    from models.export import QUANTIZATION_IMAGES, quantize_onnx
+    from models.gtsrb import quantization_batches, forward_accuracy, load_split
 
     loaded = load_checkpoint(checkpoint)
     pre = loaded.preprocessing
@@ -64,7 +63,7 @@ def export_int8(checkpoint: str | Path, data_root: str, out: str | Path | None =
     with tempfile.TemporaryDirectory() as tmp:
         source = export_onnx(loaded.model, InputSpec((8, 3, pre.input_size, pre.input_size)), Path(tmp) / "fp32.onnx",
                              checkpoint_metadata(loaded))
-        quantize_onnx(source, path, calibration_batches(data_root, pre, CALIBRATION_IMAGES), checkpoint_metadata(loaded))
+        quantize_onnx(source, path, quantization_batches(data_root, pre, QUANTIZATION_IMAGES), checkpoint_metadata(loaded))
     test = load_split(data_root, "test", pre)
     record = BackendRecord.for_artifact("onnxruntime", "int8", str(path))
     int8 = build_forward(record, loaded.model, torch.device("cpu"), torch.get_num_threads())

@@ -38,7 +38,7 @@ from models.input_sizes import DEFAULT_INPUT_SIZE
 from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
 from training.augment import augment
-from training.data import TensorSplit, load_split
+from models.gtsrb import TensorSplit, load_split
 from training.evaluate import evaluate
 from training.metrics import LossAccuracy
 from training.sam import SAM

@@ -4,7 +4,7 @@ frames' precision, recall and AP@0.5.
     python -m training.train_detector                       # same as: python -m training.train --model detector
     make train MODEL=detector EPOCHS=18                     # Slurm when `sbatch` is on the PATH
 
-Training frames are GTSDB 00000-00499, validation frames 00500-00599 (`training.gtsdb.VAL_FRAMES`).
+Training frames are GTSDB 00000-00499, validation frames 00500-00599 (`models.gtsdb.VAL_FRAMES`).
 Outputs follow the classifiers' conventions (training/train.py): <name>.pt rewritten atomically
 after every epoch, <name>.metrics.csv, <name>.log, <name>.state.pt for --resume; SIGUSR1/SIGTERM stop
 at the next batch with exit status 99.
@@ -31,12 +31,12 @@ from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
 from training.detection_data import CropSampler, load_paste_signs
 from training.detection_metrics import balanced_threshold, detection_summary
-from training.gtsdb import load_frames, read_ground_truth, split_frames
+from models.gtsdb import FRAME_SIZE, load_frames, read_ground_truth, split_frames
 from training.train import init_weights, make_scheduler
 from training.utils import (EXIT_PREEMPTED, Logger, Preemption, barrier, describe_machine, setup_distributed,
                             teardown_distributed)
 
-FRAME_SIDE = 1360  # GTSDB's frames are 1360x800: served photos are shrunk to this longer side
+FRAME_SIDE = FRAME_SIZE[0]  # served photos are shrunk to the longer side of GTSDB's frames
 METRIC_FIELDS = ("epoch", "train_loss", "val_precision", "val_recall", "val_map50", "score_threshold", "seconds")
 REPORT_SCORE = 0.3  # the score at which the per-epoch precision and recall are read off
 

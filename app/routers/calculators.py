@@ -25,7 +25,6 @@ from app.schemas.calculators import (
 from models.calc import conv_layer_answer, conv_matrix_answer, receptive_field_answer
 from models.checkpoint import unwrap
 from models.conv_matrix import ConvMatrixError, MatrixTooLargeError, conv_matrix
-from models.ensemble import ENSEMBLE_NAME
 from models.conv_shapes import EmptyOutputError, conv_layer
 from models.receptive_field import (
     JumpTooLargeError,
@@ -62,17 +61,18 @@ def receptive_field(request: ReceptiveFieldRequest) -> dict:
     404: {"model": ErrorResponse, "description": "unknown model"},
     503: {"model": ErrorResponse, "description": "models still loading"}})
 def model_receptive_field(
-    loaded: Model,
+    model: Model,
     input_size: Annotated[int | None, Query(ge=1, le=4_096, description="defaults to the model's input size")] = None,
 ) -> dict:
     """The table for a served model, read off its modules: every conv and pool layer along the deepest
     path (ResNet shortcuts skipped, as they add no depth)."""
-    if loaded.architecture == ENSEMBLE_NAME:
-        raise HTTPException(422, f"{loaded.name} averages {' and '.join(loaded.ensemble.members)}, which have "
-                                 "receptive fields of their own: ask for one of them")
-    size = input_size or loaded.preprocessing.input_size
-    return {"model": loaded.name, "architecture": loaded.architecture, "input_size": size,
-            **_table(size, layers_of_module(unwrap(loaded.model)), ("query", "input_size"), per_layer=False)}
+    try:
+        module = model.kind.layers(model)
+    except ValueError as exc:  # a model without layers of its own (the ensemble)
+        raise HTTPException(422, str(exc)) from None
+    size = input_size or model.loaded.preprocessing.input_size
+    return {"model": model.name, "architecture": model.loaded.architecture, "input_size": size,
+            **_table(size, layers_of_module(unwrap(module)), ("query", "input_size"), per_layer=False)}
 
 
 @router.post("/v1/calculators/conv-layer", response_model=ConvLayerResponse)

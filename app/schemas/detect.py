@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from app.engine import DETECTION_FLOOR
+from models.detector import DETECTION_FLOOR
 
 
 class DetectQuery(BaseModel):

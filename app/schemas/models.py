@@ -22,6 +22,9 @@ class BackendInfo(BaseModel):
     running: list[str] = Field(..., description="what each forward worker (or this process) really runs, as "
                                                 "`backend-precision`: the chosen one, or torch-fp32 where its model "
                                                 "file could not be used (missing, or not the file chosen)")
+    choosing: bool = Field(False, description="a runtime choice is running in the background: until it "
+                                              "ends, torch serves, and the chosen runtime then takes over "
+                                              "without a failed answer")
     artifact: str | None = Field(None, description="the exported model file chosen (None for torch)")
     artifact_sha256: str | None = Field(None, description="its sha256 when it passed parity: a forward loads "
                                                           "only a file with this digest")
@@ -44,10 +47,25 @@ class CalibrationInfo(BaseModel):
                                                                "00000-00599), which chooses the default model")
 
 
+    @classmethod
+    def from_report(cls, report: dict, rule, temperature: float | None) -> "CalibrationInfo | None":
+        """From a calibration report (training.calibrate) and the recognition rule it set."""
+        if not report:
+            return None
+        before, after = report.get("before", {}), report.get("after", {})
+        test, background = after.get("test", {}), after.get("background_validation", {})
+        return cls(temperature=temperature, min_confidence=rule.min_confidence,
+                   test_ece_before=before.get("test", {}).get("ece"), test_ece=test.get("ece"),
+                   test_nll_before=before.get("test", {}).get("nll"), test_nll=test.get("nll"),
+                   test_recognized=test.get("recognized"), test_accuracy_recognized=test.get("accuracy_recognized"),
+                   background_rejected=background.get("rejected"),
+                   validation_accuracy=report.get("validation_accuracy"))
+
 class ModelInfo(BaseModel):
     name: str = Field(..., description="the checkpoint's file stem; use it as ?model= and in /v1/models/{name}")
-    kind: str = Field(..., description="classifier (names a cropped sign: /v1/predict) or detector (finds "
-                                       "signs in photos: /v1/detect)")
+    kind: str = Field(..., description="classifier (names a cropped sign: /v1/predict), ensemble (averages "
+                                       "classifiers: /v1/predict) or detector (finds signs in photos: "
+                                       "/v1/detect)")
     architecture: str
     parameters: int = Field(..., description="trainable parameters")
     input_size: int = Field(..., description="classifier: side of the square input; detector: the longest "

@@ -7,11 +7,11 @@ from pydantic import BaseModel, Field
 from models.calibration import is_recognized
 
 from models.classes import NUM_CLASSES
-from models.ensemble import RankedAnswer
+from models.ensemble import Ranked
 
 if TYPE_CHECKING:
     from app.uploads import Upload
-    from models.checkpoint import LoadedModel
+    from app.kinds import ServedModel
 
 
 class PredictQuery(BaseModel):
@@ -51,14 +51,13 @@ class PredictResponse(BaseModel):
     }]}}
 
 
-def predict_response(model: LoadedModel, uploads: list[Upload], ranked: list[RankedAnswer],
+def predict_response(served: "ServedModel", uploads: list[Upload], ranked: list[Ranked],
                      top_k: int) -> PredictResponse:
     """The answer to POST /v1/predict: per upload, whether it shows one of the signs
-    (models.calibration.is_recognized) and its `top_k` most probable classes with their names.
-    `ranked` holds, per upload, every class id by falling probability, the probabilities and the
-    sign probability."""
-    labels, rule = model.class_names, model.calibration.rule
-    return PredictResponse(model=model.name, results=[
+    (models.calibration.is_recognized under the model's rule) and its `top_k` most probable classes
+    with their names. `ranked` holds, per upload, a Ranked answer (models.ensemble)."""
+    labels, rule = served.class_names, served.rule
+    return PredictResponse(model=served.name, results=[
         FileResult(filename=upload.filename, recognized=bool(is_recognized(probabilities[0], sign, rule)),
                    sign_probability=sign, predictions=[
             Prediction(class_id=c, label=labels[c], probability=p)

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from models.checkpoint import atomic_save, safe_load
-from training.data import PROJECT_ROOT
+from models.paths import PROJECT_ROOT
 
+FRAME_SIZE = (1360, 800)  # every GTSDB frame's (width, height)
 VAL_FRAMES = range(500, 600)  # 00500-00599: the last drive segment of the 600 training frames
 DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache" / "gtsdb"
 

@@ -1,7 +1,7 @@
 """GTSRB decoded once into uint8 tensors (optionally cached on disk), so no epoch decodes an image again.
 
-    python -m training.data --data-root ../shared/data --input-size 32      # build the caches
-    python -m training.data --stats                                          # channel mean / std
+    python -m models.gtsrb --data-root ../shared/data --input-size 32      # build the caches
+    python -m models.gtsrb --stats                                          # channel mean / std
 """
 
 from __future__ import annotations
@@ -94,11 +94,23 @@ def load_spread(root: str, split: str, pre: Preprocessing, n: int) -> TensorSpli
     return TensorSplit(images, torch.tensor([c for _, c in picked], dtype=torch.int64))
 
 
-def calibration_batches(root: str, pre: Preprocessing, n: int, batch_size: int = 64) -> list[torch.Tensor]:
+def quantization_batches(root: str, pre: Preprocessing, n: int, batch_size: int = 64) -> list[torch.Tensor]:
     """n training images spread over all classes, normalised, in batches: what sets an int8 model's
     activation ranges (models.export.quantize_onnx)."""
     images = load_spread(root, "train", pre, n).images
     return [normalize(images[i:i + batch_size], pre) for i in range(0, len(images), batch_size)]
+
+
+@torch.inference_mode()
+def forward_accuracy(forward, split: TensorSplit, pre: Preprocessing, batch_size: int = 256) -> float:
+    """Top-1 accuracy over `split` of any forward on the normalised batch (a module, or a backend's
+    forward); for a pair of outputs (CalibratedClassifier's) the first holds the class scores."""
+    correct = 0
+    for i in range(0, len(split), batch_size):
+        out = forward(normalize(split.images[i:i + batch_size], pre))
+        scores = out[0] if isinstance(out, (tuple, list)) else out
+        correct += int((scores.argmax(1) == split.labels[i:i + batch_size]).sum())
+    return correct / len(split)
 
 
 def load_split(root: str, split: str, pre: Preprocessing, cache_dir: Path | None = DEFAULT_CACHE_DIR,
