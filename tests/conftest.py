@@ -54,9 +54,15 @@ class LiveServer:
                 self.process.wait()
 
 
-def start_server(checkpoint_dir: Path, log_path: Path, **settings: str | int | float) -> LiveServer:
+def runtimes_chosen(client) -> bool:
+    """Whether no model's runtime choice is still running in the background (app.service)."""
+    return not any((m.get("backend") or {}).get("choosing") for m in client.get("/v1/models").json()["models"])
+
+
+def start_server(checkpoint_dir: Path, log_path: Path, chosen: bool = True,
+                 **settings: str | int | float) -> LiveServer:
     """`python -m app` with SIGNSERVE_* settings (backend torch unless given) on a free loopback port;
-    returns once /readyz is 200."""
+    returns once /readyz is 200 and, with `chosen`, every model's runtime is chosen and serving."""
     port = free_port()
     # torch unless a test asks for another backend: choosing one exports and measures (tests/test_backends.py)
     env = {**os.environ, "SIGNSERVE_HOST": "127.0.0.1", "SIGNSERVE_PORT": str(port),
@@ -73,7 +79,7 @@ def start_server(checkpoint_dir: Path, log_path: Path, **settings: str | int | f
             if process.poll() is not None:
                 raise RuntimeError(f"signserve exited with {process.returncode} during start-up:\n{server.log()}")
             try:
-                if client.get("/readyz").status_code == 200:
+                if client.get("/readyz").status_code == 200 and (not chosen or runtimes_chosen(client)):
                     return server
             except httpx.TransportError:
                 pass
@@ -191,8 +197,8 @@ def app_client(checkpoint_dir: Path, **settings) -> Iterator["TestClient"]:
     config = Settings(checkpoint_dir=checkpoint_dir, worker_processes=False, warmup=False, instances=1,
                       **{"backend": "torch", **settings})  # torch unless asked: see start_server
     with TestClient(create_app(config), raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while client.get("/readyz").status_code != 200 or not runtimes_chosen(client):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"in-process app not ready: {client.get('/readyz').text}")
             time.sleep(0.05)

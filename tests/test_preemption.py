@@ -17,7 +17,7 @@ import pytest
 
 from models.checkpoint import load_checkpoint
 from models.paths import default_data_root
-from training.train import EXIT_PREEMPTED
+from training.utils import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--model", "cnn", "--max-train-samples", "600", "--max-test-samples", "300", "--data-root",

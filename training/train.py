@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,27 +28,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from models.architectures import ARCHITECTURES, PretrainedWeightsUnavailable, build_model, count_parameters
-from models.checkpoint import (RESUME_SUFFIX, CheckpointError, atomic_save, atomic_write_text, make_checkpoint,
-                               metrics_csv, safe_load, unwrap)
+from models.architectures import (ARCHITECTURES, KIND_OF_ARCHITECTURE, PretrainedWeightsUnavailable, build_model,
+                                  count_parameters)
+from models.checkpoint import CheckpointError, make_checkpoint
 from models.classes import CLASS_NAMES
 from models.input_sizes import DEFAULT_INPUT_SIZE
 from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
 from training.augment import augment
-from models.gtsrb import TensorSplit, load_split
+from models.gtsrb import load_split
 from training.evaluate import evaluate
 from training.metrics import LossAccuracy
 from training.sam import SAM
-from training.utils import (EXIT_PREEMPTED, Logger, Preemption, barrier, describe_machine, progress_bar,
-                            setup_distributed, teardown_distributed)
+from training.loop import Loop, RunFiles, init_weights, make_scheduler, parameter_groups, run_epochs
+from training.utils import (Logger, Preemption, describe_machine, progress_bar, setup_distributed,
+                            teardown_distributed)
 
 MAX_EPOCHS = 20
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=ARCHITECTURES)
+    p.add_argument("--model", required=True, choices=ARCHITECTURES,
+                   help="the detector takes training.train_detector's options")
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsrb/ (env GTSRB_ROOT)")
     p.add_argument("--output", help="checkpoint path (default: <model>.pt in $SIGNSERVE_CHECKPOINT_DIR, else "
                                     "in models/checkpoints)")
@@ -95,42 +95,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- model and optimiser
 
 
-def init_weights(model: nn.Module, how: str) -> None:
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            if how == "zeros":
-                # Every unit computes the same thing: ReLU(0) = 0 upstream, so every weight gradient
-                # but the last layer's bias is zero and the network only learns the class prior.
-                nn.init.zeros_(m.weight)
-            elif isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            else:
-                nn.init.normal_(m.weight, 0, 0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on BatchNorm and biases: decaying them only fights the normalisation.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = parameter_groups(model, args.weight_decay)
     kind = args.sam_base if args.optimizer == "sam" else args.optimizer
     cls, kwargs = ((torch.optim.SGD, dict(lr=args.lr, momentum=args.momentum, nesterov=True)) if kind == "sgd"
                    else (torch.optim.AdamW, dict(lr=args.lr)))
     if args.optimizer == "sam":
         return SAM(groups, cls, rho=args.rho, **kwargs)
     return cls(groups, **kwargs)
-
-
-def make_scheduler(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-    return torch.optim.lr_scheduler.LambdaLR(base, factor)
 
 
 # ---------------------------------------------------------------- one epoch
@@ -196,29 +168,6 @@ def resolve_args(args) -> None:
 # ---------------------------------------------------------------- main
 
 
-@dataclass
-class RunFiles:
-    """What a run writes next to --output."""
-
-    checkpoint: Path
-    state: Path  # optimizer, schedule and RNG state for --resume
-    csv: Path
-    log: Path
-
-    @classmethod
-    def beside(cls, output: str) -> "RunFiles":
-        out = Path(output)
-        stem = out.with_suffix("")
-        return cls(out, Path(f"{stem}{RESUME_SUFFIX}"), Path(f"{stem}.metrics.csv"), Path(f"{stem}.log"))
-
-    def prepare(self, fresh: bool) -> None:
-        """On rank 0: the folder exists; a fresh run drops an older run's resume state and log lines."""
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        if fresh:
-            self.state.unlink(missing_ok=True)
-            self.log.unlink(missing_ok=True)
-
-
 def create_model(args, device: torch.device) -> tuple[nn.Module, str]:
     """The model on `device`, initialised, and the label of its start weights for the checkpoint."""
     model = build_model(args.model, start_weights=args.start_weights, weights_path=args.weights,
@@ -232,99 +181,17 @@ def create_model(args, device: torch.device) -> tuple[nn.Module, str]:
     return model.to(device, memory_format=torch.channels_last), start_label
 
 
-def restore(state_path: Path, args, model: nn.Module, optimizer, scheduler) -> list[dict]:
-    """Continue after the last completed epoch of `state_path`: its metrics so far (none without the file)."""
-    if not state_path.is_file():
-        return []
-    state = safe_load(state_path)
-    if state["model_name"] != args.model:
-        raise SystemExit(f"{state_path} holds a {state['model_name']} run, not {args.model}")
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    return list(state["metrics"])
-
-
-@dataclass
-class Run:
-    """Everything the epoch loop works with."""
-
-    args: argparse.Namespace
-    rank: int
-    world: int
-    device: torch.device
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    pre: Preprocessing
-    train: TensorSplit
-    test: TensorSplit
-    files: RunFiles
-    log: Logger
-    start_label: str
-    metrics: list[dict]  # one row per completed epoch, resumed ones included
-    steps_per_epoch: int
-    autocast: bool  # bf16 mixed precision on CUDA: ~2x faster, no loss scaling needed
-
-
 def steps_per_epoch(samples: int, batch_size: int, world: int) -> int:
     """Optimizer steps per epoch on each rank: its share of the samples in batches of batch_size / world."""
     return math.ceil(math.ceil(samples / world) / max(1, batch_size // world))
 
 
-def run_epochs(run: Run, preemption: Preemption) -> int:
-    """Train the remaining epochs; after each, evaluate, write the files and log one line. Returns the
-    exit status: 0 when all epochs are done, EXIT_PREEMPTED when a signal (or --stop-after-epochs) stopped it."""
-    args, rank, world, device, metrics = run.args, run.rank, run.world, run.device, run.metrics
-    train_images, train_labels = run.train.images.to(device), run.train.labels.to(device)
-    data_info = {"root": str(args.data_root), "train_samples": len(run.train), "test_samples": len(run.test),
-                 "dataset": "GTSRB", "input_size": run.pre.input_size}
-    train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
-    train_args["machine"] = describe_machine(device, world)
-    interactive = rank == 0 and sys.stdout.isatty()
-    sampler = DistributedSampler(range(len(run.train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    epochs_this_run = 0
-    for epoch in range(len(metrics) + 1, args.epochs + 1):
-        t0 = time.perf_counter()
-        # Same permutation on every rank, padded so that every rank runs the same number of steps.
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), device=device)
-        progress = progress_bar(run.steps_per_epoch, epoch, interactive)
-        running = train_one_epoch(run.model, run.optimizer, run.scheduler, train_images, train_labels, order,
-                                  run.pre, args, device, run.autocast, preemption, progress)
-        if progress is not None:
-            progress.close()
-        if running is None:
-            run.log(f"preempted during epoch {epoch}; state kept at epoch {len(metrics)}, resume with --resume")
-            return EXIT_PREEMPTED
-        shard = (rank, world)
-        train_m = (evaluate(run.model, run.train, run.pre, device, autocast=run.autocast, shard=shard)
-                   if args.train_metrics == "full" else running)
-        test_m = evaluate(run.model, run.test, run.pre, device, autocast=run.autocast, shard=shard)
-        row = {"epoch": epoch, "train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
-               "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"],
-               "seconds": time.perf_counter() - t0}
-        metrics.append(row)
-        if rank == 0:
-            save_epoch(run.model, run.optimizer, run.scheduler, metrics, args, run.pre, run.start_label, train_args,
-                       data_info, run.files.checkpoint, run.files.state, run.files.csv)
-        run.log(f"epoch {epoch}/{args.epochs} train_loss {row['train_loss']:.4f} train_accuracy "
-                f"{row['train_accuracy']:.4f} test_loss {row['test_loss']:.4f} test_accuracy "
-                f"{row['test_accuracy']:.4f} seconds {row['seconds']:.1f}")
-        barrier(world)
-        epochs_this_run += 1
-        if preemption.agreed(world, device) or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
-            if epoch < args.epochs:
-                run.log(f"stopping after epoch {epoch}; resume with --resume")
-                return EXIT_PREEMPTED
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "detector" in argv and argv[argv.index("detector") - 1] == "--model" or "--model=detector" in argv:
-        from training.train_detector import main as train_detector  # its own loop, data and metrics
+    chosen = argparse.ArgumentParser(add_help=False)
+    chosen.add_argument("--model", choices=ARCHITECTURES)
+    if KIND_OF_ARCHITECTURE.get(chosen.parse_known_args(argv)[0].model) == "detector":
+        from training.train_detector import main as train_detector  # its own data, loss and metrics
         return train_detector(argv)
     args = get_args_parser().parse_args(argv)
     resolve_args(args)
@@ -349,22 +216,54 @@ def main(argv: list[str] | None = None) -> int:
     steps = steps_per_epoch(len(train), args.batch_size, world)
     optimizer = make_optimizer(args, model)
     scheduler = make_scheduler(optimizer, int(args.warmup_epochs * steps), args.epochs * steps)
+    data_info = {"root": str(args.data_root), "train_samples": len(train), "test_samples": len(test),
+                 "dataset": "GTSRB", "input_size": pre.input_size}
+    train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    train_args["machine"] = describe_machine(device, world)
+
+    def checkpoint(metrics: list[dict]) -> dict:
+        return make_checkpoint(model, architecture=args.model, class_names=list(CLASS_NAMES), preprocessing=pre,
+                               start_weights=start_label, metrics=metrics, train_args=train_args, data=data_info,
+                               half=args.half_checkpoint)
+
+    loop = Loop(args.model, files, log, rank, world, device, model, optimizer, scheduler, args.epochs, checkpoint,
+                stop_after_epochs=args.stop_after_epochs)
     try:
-        metrics = restore(files.state, args, model, optimizer, scheduler) if args.resume else []
+        if args.resume:
+            loop.restore()
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if metrics:
-        log(f"resumed from {files.state} after epoch {len(metrics)}")
     trained = model if world == 1 else \
         nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     log(f"model {args.model} ({count_parameters(model):,} parameters, start {start_label}, init "
         f"{args.init}) on {device}{' x' + str(world) if world > 1 else ''}; train {len(train)} / test {len(test)} "
         f"images at {pre.input_size}x{pre.input_size}; optimizer {args.optimizer} lr {args.lr} batch {args.batch_size}")
-    run = Run(args, rank, world, device, trained, optimizer, scheduler, pre, train, test, files, log, start_label,
-              metrics, steps, autocast=device.type == "cuda")
-    status = run_epochs(run, preemption)
+
+    train_images, train_labels = train.images.to(device), train.labels.to(device)
+    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    autocast = device.type == "cuda"  # bf16 mixed precision on CUDA: ~2x faster, no loss scaling needed
+
+    def train_epoch(epoch: int) -> dict | None:
+        # Same permutation on every rank, padded so that every rank runs the same number of steps.
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        progress = progress_bar(steps, epoch, rank == 0 and sys.stdout.isatty())
+        running = train_one_epoch(trained, optimizer, scheduler, train_images, train_labels, order, pre, args,
+                                  device, autocast, preemption, progress)
+        if progress is not None:
+            progress.close()
+        if running is None:
+            return None
+        shard = (rank, world)
+        train_m = (evaluate(trained, train, pre, device, autocast=autocast, shard=shard)
+                   if args.train_metrics == "full" else running)
+        test_m = evaluate(trained, test, pre, device, autocast=autocast, shard=shard)
+        return {"train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
+                "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"]}
+
+    status = run_epochs(loop, train_epoch, preemption)
+    metrics = loop.metrics
     if status == 0:
         log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, "
             f"test accuracy {metrics[-1]['test_accuracy']:.4f}; checkpoint {files.checkpoint}")
@@ -372,20 +271,6 @@ def main(argv: list[str] | None = None) -> int:
             calibrate_after_training(args, files.checkpoint, log)
     teardown_distributed(world)
     return status
-
-
-def save_epoch(model, optimizer, scheduler, metrics, args, pre, start_label, train_args, data_info,
-               out: Path, state_path: Path, csv_path: Path) -> None:
-    """Checkpoint, resume state and CSV, each written atomically; the state file goes last, so a
-    crash in between at worst repeats an epoch whose outputs are simply rewritten."""
-    ckpt = make_checkpoint(model, architecture=args.model, class_names=list(CLASS_NAMES), preprocessing=pre,
-                           start_weights=start_label, metrics=metrics, train_args=train_args, data=data_info,
-                           half=args.half_checkpoint)
-    atomic_save(ckpt, out)
-    atomic_write_text(metrics_csv(metrics), csv_path)
-    atomic_save({"model_name": args.model, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(), "metrics": metrics},
-                state_path)
 
 
 def calibrate_after_training(args, out: Path, log: Logger) -> None:

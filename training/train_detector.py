@@ -5,9 +5,9 @@ frames' precision, recall and AP@0.5.
     make train MODEL=detector EPOCHS=18                     # Slurm when `sbatch` is on the PATH
 
 Training frames are GTSDB 00000-00499, validation frames 00500-00599 (`models.gtsdb.VAL_FRAMES`).
-Outputs follow the classifiers' conventions (training/train.py): <name>.pt rewritten atomically
-after every epoch, <name>.metrics.csv, <name>.log, <name>.state.pt for --resume; SIGUSR1/SIGTERM stop
-at the next batch with exit status 99.
+Outputs and resume are the classifiers' (training.loop): <name>.pt rewritten atomically after every
+epoch, <name>.metrics.csv, <name>.log, <name>.state.pt for --resume; SIGUSR1/SIGTERM stop at the next
+batch with exit status 99.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,17 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.architectures import count_parameters
-from models.checkpoint import (CheckpointError, atomic_save, atomic_write_text, make_checkpoint, metrics_csv,
-                               safe_load, unwrap)
+from models.checkpoint import CheckpointError, make_checkpoint, unwrap
 from models.detector import GROUPS, SignDetector, detect
 from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
 from training.detection_data import CropSampler, load_paste_signs
 from training.detection_metrics import balanced_threshold, detection_summary
 from models.gtsdb import FRAME_SIZE, load_frames, read_ground_truth, split_frames
-from training.train import init_weights, make_scheduler
-from training.utils import (EXIT_PREEMPTED, Logger, Preemption, barrier, describe_machine, setup_distributed,
-                            teardown_distributed)
+from training.loop import Loop, RunFiles, init_weights, make_scheduler, parameter_groups, run_epochs
+from training.utils import Logger, Preemption, describe_machine, setup_distributed, teardown_distributed
 
 FRAME_SIDE = FRAME_SIZE[0]  # served photos are shrunk to the longer side of GTSDB's frames
 METRIC_FIELDS = ("epoch", "train_loss", "val_precision", "val_recall", "val_map50", "score_threshold", "seconds")
@@ -145,15 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         args.output = str(checkpoint_dir() / "detector.pt")
     rank, world, device = setup_distributed(args.device)
     args.world_size = world
-    out = Path(args.output)
-    stem = out.with_suffix("")
-    state_path, csv_path, log_path = Path(f"{stem}.state.pt"), Path(f"{stem}.metrics.csv"), Path(f"{stem}.log")
+    files = RunFiles.beside(args.output)
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            state_path.unlink(missing_ok=True)
-            log_path.unlink(missing_ok=True)
-    log = Logger(log_path, enabled=rank == 0)
+        files.prepare(fresh=not args.resume)
+    log = Logger(files.log, enabled=rank == 0)
     preemption = Preemption()
     torch.manual_seed(args.seed + rank)
 
@@ -171,36 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     init_weights(model, "kaiming")
     model.reset_heads()  # init_weights is for hidden layers; the heads start small, at the prior
     model = model.to(device, memory_format=torch.channels_last)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
     steps_per_epoch = math.ceil(args.crops_per_epoch / args.batch_size)
     scheduler = make_scheduler(optimizer, int(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
-    metrics: list[dict] = []
-    if args.resume and state_path.is_file():
-        try:
-            state = safe_load(state_path)
-        except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if state.get("model_name") != "detector":
-            raise SystemExit(f"{state_path} holds a {state.get('model_name')} run, not the detector")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        sampler.load_state_dict(state["sampler"])
-        metrics = list(state["metrics"])
-        log(f"resumed from {state_path} after epoch {len(metrics)}")
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
     signs = sum(len(f.signs) for f in train_frames)
-    log(f"model detector ({count_parameters(unwrap(model)):,} parameters, start random) on {device}"
-        f"{' x' + str(world) if world > 1 else ''}; train {len(train_frames)} frames / {signs} signs + "
-        f"{len(paste)} GTSRB signs to paste, val {len(val_frames)} frames; {args.crops_per_epoch} windows of "
-        f"{args.crop}px per epoch, AdamW lr {args.lr} batch {args.batch_size}")
     data_info = {"root": str(args.data_root), "dataset": "GTSDB", "train_frames": len(train_frames),
                  "train_signs": signs, "val_frames": len(val_frames),
                  "val_signs": sum(len(f.signs) for f in val_frames), "paste_signs": len(paste),
@@ -208,48 +173,41 @@ def main(argv: list[str] | None = None) -> int:
     train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
     train_args["machine"] = describe_machine(device, world)
 
-    status, epochs_this_run = 0, 0
-    for epoch in range(len(metrics) + 1, args.epochs + 1):
-        t0 = time.perf_counter()
-        loss = train_one_epoch(model, optimizer, scheduler, sampler, pre, args, device, preemption)
+    def checkpoint(metrics: list[dict]) -> dict:
+        return make_checkpoint(model, architecture="detector", class_names=list(GROUPS), preprocessing=pre,
+                               start_weights="random", metrics=metrics, train_args=train_args, data=data_info,
+                               inference={"score_threshold": metrics[-1]["score_threshold"]})
+
+    loop = Loop("detector", files, log, rank, world, device, model, optimizer, scheduler, args.epochs, checkpoint,
+                csv_fields=METRIC_FIELDS, stop_after_epochs=args.stop_after_epochs,
+                extra_state={"sampler": (sampler.state_dict, sampler.load_state_dict)})
+    if args.resume:
+        try:
+            loop.restore()
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    trained = model if world == 1 else \
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log(f"model detector ({count_parameters(model):,} parameters, start random) on {device}"
+        f"{' x' + str(world) if world > 1 else ''}; train {len(train_frames)} frames / {signs} signs + "
+        f"{len(paste)} GTSRB signs to paste, val {len(val_frames)} frames; {args.crops_per_epoch} windows of "
+        f"{args.crop}px per epoch, AdamW lr {args.lr} batch {args.batch_size}")
+
+    def train_epoch(epoch: int) -> dict | None:
+        loss = train_one_epoch(trained, optimizer, scheduler, sampler, pre, args, device, preemption)
         if loss is None:
-            log(f"preempted during epoch {epoch}; state kept at epoch {len(metrics)}, resume with --resume")
-            status = EXIT_PREEMPTED
-            break
-        if rank == 0:
-            row = {"epoch": epoch, "train_loss": loss, **validate(model, val_frames, val_pixels, pre, device),
-                   "seconds": time.perf_counter() - t0}
-            metrics.append(row)
-            save_epoch(model, optimizer, scheduler, sampler, metrics, pre, train_args, data_info, out,
-                       state_path, csv_path)
-            log(f"epoch {epoch}/{args.epochs} train_loss {loss:.4f} val_precision {row['val_precision']:.4f} "
-                f"val_recall {row['val_recall']:.4f} val_map50 {row['val_map50']:.4f} score_threshold "
-                f"{row['score_threshold']:.2f} seconds {row['seconds']:.1f}")
-        barrier(world)
-        epochs_this_run += 1
-        if preemption.agreed(world, device) or (args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs):
-            if epoch < args.epochs:
-                log(f"stopping after epoch {epoch}; resume with --resume")
-                status = EXIT_PREEMPTED
-                break
+            return None
+        # the validation frames live on rank 0, which alone writes the run files
+        return {"train_loss": loss, **(validate(trained, val_frames, val_pixels, pre, device) if rank == 0 else {})}
+
+    status = run_epochs(loop, train_epoch, preemption)
+    metrics = loop.metrics
     if status == 0 and metrics:
         log(f"done: {len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s in all, val AP@0.5 "
-            f"{metrics[-1]['val_map50']:.4f}; checkpoint {out}")
+            f"{metrics[-1]['val_map50']:.4f}; checkpoint {files.checkpoint}")
     teardown_distributed(world)
     return status
-
-
-def save_epoch(model, optimizer, scheduler, sampler, metrics, pre, train_args, data_info, out: Path,
-               state_path: Path, csv_path: Path) -> None:
-    """Checkpoint, CSV, then the resume state (last: a crash in between at worst repeats an epoch)."""
-    ckpt = make_checkpoint(model, architecture="detector", class_names=list(GROUPS), preprocessing=pre,
-                           start_weights="random", metrics=metrics, train_args=train_args, data=data_info,
-                           inference={"score_threshold": metrics[-1]["score_threshold"]})
-    atomic_save(ckpt, out)
-    atomic_write_text(metrics_csv(metrics, METRIC_FIELDS), csv_path)
-    atomic_save({"model_name": "detector", "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "sampler": sampler.state_dict(), "metrics": metrics}, state_path)
 
 
 if __name__ == "__main__":

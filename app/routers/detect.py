@@ -62,7 +62,7 @@ async def detect(request: Request) -> DetectResponse:
         namers = [n for n, m in service.models.items() if names_boxes(m)]
         raise HTTPException(422, f"{query.classifier!r} cannot name boxes; classifier= takes one of "
                                  f"{', '.join(namers)}")
-    classifier = get_served_model(service, query.classifier, names_boxes, role="classifier")
+    classifier = get_served_model(service, query.classifier, names_boxes, role="box-naming model")
     settings = service.settings
     with detector.batcher.expecting():
         uploads = await read_uploads(request, settings)
