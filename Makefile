@@ -11,7 +11,7 @@ MODEL  ?= cnn
 EPOCHS ?= $(if $(filter detector,$(MODEL)),32,20)  # the shipped models' schedules
 ARGS   ?=
 
-.PHONY: setup test test-container serve train evaluate bench container-up container-down clean
+.PHONY: setup test test-container serve train evaluate bench detect-cluster container-up container-down clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ serve: setup
 
 train: setup
 	bash training/slurm/submit.sh $(MODEL) $(EPOCHS) $(ARGS)
+
+# signserve detect over INPUT as a Slurm job array of SHARDS tasks and a merge job (batch/slurm/submit.sh)
+SHARDS ?= 4
+detect-cluster: setup
+	@test -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "usage: make detect-cluster INPUT=DIR OUTPUT=FILE [SHARDS=N]" >&2; exit 2; }
+	bash batch/slurm/submit.sh "$(INPUT)" "$(OUTPUT)" $(SHARDS) $(ARGS)
 
 evaluate: setup
 	$(BIN)/python -m training.evaluate --checkpoint models/checkpoints/$(MODEL).pt

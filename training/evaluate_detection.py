@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models.checkpoint import atomic_save, load_checkpoint, safe_load
+from models.checkpoint import LoadedModel, atomic_save, load_checkpoint, safe_load, served_checkpoints
 from models.detector import GROUPS, group_of
 from models.scene import find_signs
 from models.gtsrb import PROJECT_ROOT, default_data_root
@@ -39,6 +39,15 @@ def store_threshold(path: Path, score_threshold: float) -> None:
     atomic_save(checkpoint, path)
 
 
+def naming_classifier(directory: Path) -> LoadedModel:
+    """The classifier checkpoint in `directory` with the highest final test accuracy: the one the
+    service names boxes with by default."""
+    classifiers = [m for m in map(load_checkpoint, served_checkpoints(directory)) if m.kind == "classifier"]
+    if not classifiers:
+        raise SystemExit(f"no classifier checkpoint in {directory} to name the boxes; pass --classifier")
+    return max(classifiers, key=lambda m: m.test_accuracy or 0.0)
+
+
 def scored_at(evaluated: list, min_score: float) -> tuple[int, list[tuple[int, float, bool]]]:
     """Signs found at or above `min_score` and named right, and per true sign (group, width, found)."""
     named, per_sign = 0, []
@@ -54,8 +63,9 @@ def scored_at(evaluated: list, min_score: float) -> tuple[int, list[tuple[int, f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(PROJECT_ROOT / "models" / "checkpoints" / "detector.pt"))
-    p.add_argument("--classifier", default=str(PROJECT_ROOT / "models" / "checkpoints" / "resnet18.pt"),
-                   help="the checkpoint that names each box")
+    p.add_argument("--classifier", default=None,
+                   help="the checkpoint that names each box (default: as /v1/detect, the classifier beside "
+                        "--checkpoint with the highest test accuracy)")
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsdb/ (env GTSRB_ROOT)")
     p.add_argument("--frames", default="all", choices=["all", "val", "train"])
     p.add_argument("--max-frames", type=int, default=None, help="the first N of those frames, for smoke runs")
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     detector = load_checkpoint(args.checkpoint)
-    classifier = load_checkpoint(args.classifier)
+    classifier = load_checkpoint(args.classifier) if args.classifier else naming_classifier(Path(args.checkpoint).parent)
     for loaded in (detector, classifier):
         loaded.model.to(memory_format=torch.channels_last)  # as served: faster convolutions on the CPU
     min_score = args.min_score if args.min_score is not None else detector.inference.get("score_threshold", 0.3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from models.detector import DETECTION_FLOOR
+from models.scene import FoundSign
 
 
 class DetectQuery(BaseModel):
@@ -22,6 +23,12 @@ class Sign(BaseModel):
     class_id: int = Field(..., ge=0, description="GTSRB class id named by the classifier")
     label: str = Field(..., description="English name of the sign")
     probability: float = Field(..., ge=0, le=1, description="the classifier's probability of that class")
+
+    @classmethod
+    def of(cls, found: "FoundSign", labels: list[str]) -> "Sign":
+        """A sign the scene pipeline found (models.scene), as answered: the box to 0.1 px."""
+        return cls(box=tuple(round(v, 1) for v in found.box), score=found.score, group=found.group,
+                   class_id=found.class_id, label=labels[found.class_id], probability=found.probability)
 
 
 class FrameResult(BaseModel):
