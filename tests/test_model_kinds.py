@@ -1,14 +1,13 @@
-"""The model-kind contract (app.kinds): a new kind plugs into the engine with one registration, the
-service is ready before its runtimes are chosen and answers right throughout the swap, and the
+"""The model-kind contract (app.kinds): a new kind plugs into the engine with one registration, and the
 layering holds (app/ stands on models/ only; training/ has no import cycle; only the registry names
-kinds)."""
+kinds). The cold start (ready on torch, right answers through the runtime swap) is tested with the
+runtime choice itself, in tests/test_backends.py."""
 
 from __future__ import annotations
 
 import ast
 import asyncio
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -145,49 +144,3 @@ def test_only_the_registry_names_kinds():
              if pattern.search(line) and p != ROOT / "app" / "kinds" / "__init__.py"
              and "json_schema_extra" not in line and '"model": ' not in line]
     assert not lines
-
-
-@pytest.mark.slow
-def test_a_cold_start_is_ready_on_torch_and_answers_right_through_the_swap(cnn_snapshot, tmp_path, sign_png,
-                                                                            sign_image):
-    """An empty runtime cache: /readyz is 200 while the choice still runs (torch serving), every answer
-    before, during and after the swap is torch fp32's within the tolerance of what serves it, and
-    /v1/models and the log say which runtime serves and that the choice ran."""
-    from conftest import runtimes_chosen, start_server
-    from helpers import files
-
-    from app.kinds.classifier import Predictor
-    from models.backends import PROBABILITY_TOLERANCE
-    from models.checkpoint import load_checkpoint
-    from models.preprocessing import image_to_uint8
-
-    loaded = load_checkpoint(cnn_snapshot / "cnn.pt")
-    want = Predictor(loaded, threads=1).probabilities(image_to_uint8(sign_image[0], loaded.preprocessing)[None])[0]
-    server = start_server(cnn_snapshot, tmp_path / "server.log", chosen=False, backend="auto",
-                          backend_cache_dir=tmp_path / "cache", backend_parity_images=64, device="cpu",
-                          worker_processes="true", instances=2, warmup="false")
-    seen: list[tuple[str, bool]] = []
-    try:
-        with server.client() as client:
-            deadline = time.monotonic() + 600
-            while True:
-                backend = client.get("/v1/models/cnn").json()["backend"]
-                answer = client.post("/v1/predict?model=cnn&top_k=43", files=files(("sign.png", sign_png)))
-                assert answer.status_code == 200, answer.text
-                got = {p["class_id"]: p["probability"] for p in answer.json()["results"][0]["predictions"]}
-                assert max(got, key=got.get) == int(want.argmax())
-                # the answer came from torch or from the chosen runtime: within the looser of the two
-                precision = backend["precision"] if not backend["choosing"] else "int8"
-                assert max(abs(got[i] - float(want[i])) for i in got) <= PROBABILITY_TOLERANCE[precision]
-                seen.append((f"{backend['backend']}-{backend['precision']}", backend["choosing"]))
-                if runtimes_chosen(client):
-                    break
-                assert time.monotonic() < deadline, seen[-3:]
-            final = client.get("/v1/models/cnn").json()["backend"]
-        log = server.log()
-    finally:
-        server.stop()
-    assert seen[0] == ("torch-fp32", True)  # ready before the choice ended, on torch
-    label = f"{final['backend']}-{final['precision']}"
-    assert final["running"] == [label, label] and not final["choosing"] and final["images_per_s"]
-    assert f"cnn runs on {label}" in log and "chosen in" in log

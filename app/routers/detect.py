@@ -87,7 +87,5 @@ async def detect(request: Request) -> DetectResponse:
     labels = classifier.class_names
     return DetectResponse(model=detector.name, classifier=classifier.name, results=[
         FrameResult(filename=upload.filename, width=scene.original_size[0], height=scene.original_size[1],
-                    signs=[Sign(box=tuple(round(v, 1) for v in s.box), score=s.score, group=s.group,
-                                class_id=s.class_id, label=labels[s.class_id], probability=s.probability)
-                           for s in signs])
+                    signs=[Sign.of(s, labels) for s in signs])
         for upload, scene, signs in zip(uploads, scenes, found)])
