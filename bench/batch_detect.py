@@ -12,7 +12,6 @@ loading excluded, as the service's start is). Run it on an otherwise idle machin
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import ROOT, free_port, start
+from bench.harness import ROOT, free_port, save_report, start
 from models.gtsdb import read_ground_truth, split_frames
 from models.gtsrb import default_data_root
 
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratio": round(cli / http, 2)}
     print(f"{len(frames)} GTSDB frames: POST /v1/detect one by one {http:.2f} frames/s; signserve detect "
           f"{cli:.2f} frames/s ({cli / http:.2f}x)")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    save_report(report, args.output)
     return 0
 
 

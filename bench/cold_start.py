@@ -12,7 +12,6 @@ than the first answer did (none expected: torch serves until a chosen runtime is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import ROOT, free_port
+from bench.harness import ROOT, free_port, save_report
 from models.gtsrb import default_data_root, list_samples
 
 CHECKPOINTS = ROOT / "models" / "checkpoints"
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"/readyz 200 after {ready_s:.1f} s; runtime choice done after {chosen_s:.1f} s "
           f"({', '.join(f'{k} {v}' for k, v in runtimes.items())}); {answers} answers meanwhile, "
           f"{wrong} failed or changed class")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    save_report(report, args.output)
     return 0
 
 

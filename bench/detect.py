@@ -12,7 +12,6 @@ network is visible. Compare figures within one run: the machine's speed drifts.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.harness import ROOT, free_port, start
+from bench.harness import ROOT, free_port, save_report, start
 from models.checkpoint import load_checkpoint
 from models.detector import detect
 from models.preprocessing import image_to_uint8
@@ -95,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{backend.get('precision', '?')}: {backend.get('reason', '')})")
     print("torch fp32 detector forward + decoding on one frame in-process: " +
           ", ".join(f"{k} thread{'s' if k > 1 else ''} {v:.0f} ms" for k, v in forward.items()))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    save_report(report, args.output)
     return 0
 
 

@@ -65,6 +65,13 @@ def start(name: str, command: list[str], port: int, ready_path: str, env: dict[s
     raise RuntimeError(f"{name} not ready after {timeout_s} s")
 
 
+def save_report(report: dict, path: str | Path) -> None:
+    """The run's figures as JSON (artifacts/), and as the last stdout line."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+
+
 def wait_until_chosen(url: str, timeout_s: float = 900) -> None:
     """Wait until signserve at `url` has chosen every model's runtime (it serves on torch until then),
     so what is timed is what it serves for good."""

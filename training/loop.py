@@ -8,6 +8,7 @@ A trainer (training.train, training.train_detector) builds its model, optimizer 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.checkpoint import RESUME_SUFFIX, atomic_save, atomic_write_text, metrics_csv, safe_load, unwrap
+from models.checkpoint import RESUME_SUFFIX, CheckpointError, atomic_save, atomic_write_text, metrics_csv, safe_load, unwrap
 from training.utils import EXIT_PREEMPTED, Logger, Preemption, barrier
 
 # how a figure is printed in the per-epoch log line (default: 4 decimals)
@@ -100,10 +101,15 @@ class Loop:
     metrics: list[dict] = field(default_factory=list)  # one row per completed epoch, resumed ones included
 
     def restore(self) -> None:
-        """Continue after the last completed epoch of the resume state, when there is one."""
+        """Continue after the last completed epoch of the resume state, when there is one; a state file
+        that is not one stops the run (exit status 2) naming the problem."""
         if not self.files.state.is_file():
             return
-        state = safe_load(self.files.state)
+        try:
+            state = safe_load(self.files.state)
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         if state.get("model_name") != self.name:
             raise SystemExit(f"{self.files.state} holds a {state.get('model_name')} run, not {self.name}")
         unwrap(self.model).load_state_dict(state["model"])
@@ -124,6 +130,13 @@ class Loop:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng_cpu": torch.get_rng_state(), "metrics": self.metrics,
                      **{key: get() for key, (get, _) in self.extra_state.items()}}, self.files.state)
+
+
+def distributed(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """The module the epochs train: DDP around `model` when more than one process trains."""
+    if world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def log_line(epoch: int, epochs: int, row: dict) -> str:

@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from models.architectures import (ARCHITECTURES, KIND_OF_ARCHITECTURE, PretrainedWeightsUnavailable, build_model,
                                   count_parameters)
-from models.checkpoint import CheckpointError, make_checkpoint
+from models.checkpoint import make_checkpoint
 from models.classes import CLASS_NAMES
 from models.input_sizes import DEFAULT_INPUT_SIZE
 from models.paths import checkpoint_dir, default_data_root
@@ -40,7 +40,7 @@ from models.gtsrb import load_split
 from training.evaluate import evaluate
 from training.metrics import LossAccuracy
 from training.sam import SAM
-from training.loop import Loop, RunFiles, init_weights, make_scheduler, parameter_groups, run_epochs
+from training.loop import Loop, RunFiles, distributed, init_weights, make_scheduler, parameter_groups, run_epochs
 from training.utils import (Logger, Preemption, describe_machine, progress_bar, setup_distributed,
                             teardown_distributed)
 
@@ -228,14 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
     loop = Loop(args.model, files, log, rank, world, device, model, optimizer, scheduler, args.epochs, checkpoint,
                 stop_after_epochs=args.stop_after_epochs)
-    try:
-        if args.resume:
-            loop.restore()
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    trained = model if world == 1 else \
-        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.resume:
+        loop.restore()
+    trained = distributed(model, world, device)
     log(f"model {args.model} ({count_parameters(model):,} parameters, start {start_label}, init "
         f"{args.init}) on {device}{' x' + str(world) if world > 1 else ''}; train {len(train)} / test {len(test)} "
         f"images at {pre.input_size}x{pre.input_size}; optimizer {args.optimizer} lr {args.lr} batch {args.batch_size}")

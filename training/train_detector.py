@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.architectures import count_parameters
-from models.checkpoint import CheckpointError, make_checkpoint, unwrap
+from models.checkpoint import make_checkpoint, unwrap
 from models.detector import GROUPS, SignDetector, detect
 from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
 from training.detection_data import CropSampler, load_paste_signs
 from training.detection_metrics import balanced_threshold, detection_summary
 from models.gtsdb import FRAME_SIZE, load_frames, read_ground_truth, split_frames
-from training.loop import Loop, RunFiles, init_weights, make_scheduler, parameter_groups, run_epochs
+from training.loop import Loop, RunFiles, distributed, init_weights, make_scheduler, parameter_groups, run_epochs
 from training.utils import Logger, Preemption, describe_machine, setup_distributed, teardown_distributed
 
 FRAME_SIDE = FRAME_SIZE[0]  # served photos are shrunk to the longer side of GTSDB's frames
@@ -182,13 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 csv_fields=METRIC_FIELDS, stop_after_epochs=args.stop_after_epochs,
                 extra_state={"sampler": (sampler.state_dict, sampler.load_state_dict)})
     if args.resume:
-        try:
-            loop.restore()
-        except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    trained = model if world == 1 else \
-        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        loop.restore()
+    trained = distributed(model, world, device)
     log(f"model detector ({count_parameters(model):,} parameters, start random) on {device}"
         f"{' x' + str(world) if world > 1 else ''}; train {len(train_frames)} frames / {signs} signs + "
         f"{len(paste)} GTSRB signs to paste, val {len(val_frames)} frames; {args.crops_per_epoch} windows of "
