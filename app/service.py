@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,32 @@ def worker_pool(settings: Settings, plan: ExecutionPlan, device: torch.device, p
                                    warmup_batch_size=settings.max_batch_size if settings.warmup else None,
                                    nice=settings.worker_nice, backends=backends)
     return WorkerPool(config, plan.instances, timeout_s=settings.worker_timeout_s)
+
+
+def in_daemon_thread(fn: Callable, *args, **kwargs) -> asyncio.Future:
+    """`fn` in a thread of its own that does not hold up the process's exit: a runtime choice (minutes
+    of export and timing) must not keep a stopping service waiting, as the default executor would."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the awaiting task
+            outcome = (lambda e=exc: future.set_exception(e))
+        else:
+            outcome = (lambda r=result: future.set_result(r))
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop has closed: nobody waits for it any more
+            pass
+
+    threading.Thread(target=run, name="runtime-choice", daemon=True).start()
+    return future
 
 
 @dataclass
@@ -200,7 +227,7 @@ class Service:
         for served in [m for m in self.models.values() if m.choosing]:
             loaded = served.loaded
             try:
-                record = await asyncio.to_thread(
+                record = await in_daemon_thread(
                     choose_backend, loaded, s.backend, cache_dir=s.backend_cache_dir, batch_size=s.max_batch_size,
                     parity_images=s.backend_parity_images, threads=self.threads, half=s.half)
                 if record.label != served.backend.label:
