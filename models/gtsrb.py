@@ -42,8 +42,12 @@ class TensorSplit:
         """A class-mixed random subset of n samples (all when n is None or too large)."""
         if n is None or n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = subset_indices(len(self), n, seed)
         return TensorSplit(self.images[idx], self.labels[idx])
+
+
+def subset_indices(total: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 def list_samples(root: str, split: str) -> list[tuple[str, int]]:
@@ -114,9 +118,12 @@ def forward_accuracy(forward, split: TensorSplit, pre: Preprocessing, batch_size
 
 
 def load_split(root: str, split: str, pre: Preprocessing, cache_dir: Path | None = DEFAULT_CACHE_DIR,
-               workers: int | None = None) -> TensorSplit:
-    """Decode a whole split with the shared preprocessing; reuse the on-disk cache when it matches."""
+               workers: int | None = None, n: int | None = None, seed: int = 0) -> TensorSplit:
+    """Decode a whole split with the shared preprocessing; reuse the on-disk cache when it matches.
+    With `n`, the same samples as `load_split(...).subset(n, seed)`, decoding only those."""
     samples = list_samples(root, split)
+    if n is not None and n < len(samples):
+        return _decode_split([samples[i] for i in subset_indices(len(samples), n, seed).tolist()], pre, workers)
     if cache_dir is None:
         return _decode_split(samples, pre, workers)
     cache = Path(cache_dir) / f"{split}-{pre.input_size}-{_cache_key(samples, pre)}.pt"

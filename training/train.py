@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Data lives on the training device for the whole run: an epoch is pure tensor indexing.
-    train = load_split(args.data_root, "train", pre).subset(args.max_train_samples, args.seed)
-    test = load_split(args.data_root, "test", pre).subset(args.max_test_samples, args.seed)
+    # a subset run (--max-*-samples) decodes only its samples
+    train = load_split(args.data_root, "train", pre, n=args.max_train_samples, seed=args.seed)
+    test = load_split(args.data_root, "test", pre, n=args.max_test_samples, seed=args.seed)
     steps = steps_per_epoch(len(train), args.batch_size, world)
     optimizer = make_optimizer(args, model)
     scheduler = make_scheduler(optimizer, int(args.warmup_epochs * steps), args.epochs * steps)
