@@ -70,7 +70,7 @@ def test_ddp_metrics_cover_every_sample_once(runs):
     pre = Preprocessing(input_size=32)
     last = rows(runs["two"])[-1]
     for split, n in (("train", TRAIN_SAMPLES), ("test", TEST_SAMPLES)):
-        data = load_split(default_data_root(), split, pre).subset(n, seed=0)
+        data = load_split(default_data_root(), split, pre, n=n, seed=0)
         result = evaluate(loaded.model, data, loaded.preprocessing, loaded.device)
         assert result["n"] == n
         assert result["loss"] == pytest.approx(last[f"{split}_loss"], abs=1e-4)
