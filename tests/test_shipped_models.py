@@ -43,7 +43,7 @@ def test_shipped_resnet18_says_it_started_from_random_weights():
 
 
 # What the README promises for each shipped model on the real test split (4,001 images).
-PROMISED_ACCURACY = {"cnn": 0.99, "resnet18": 0.99}
+PROMISED_ACCURACY = {"cnn": 0.995, "resnet18": 0.985}
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
@@ -74,7 +74,9 @@ def test_shipped_detector_is_compact_and_scores_what_it_recorded_on_the_validati
     # what README.md and docs/detector.md state (the pipeline drops boxes the classifier does not
     # recognise, so its AP is the detector's recorded one or better)
     assert report["map50"] >= loaded.metrics[-1]["val_map50"] - 0.01, report
-    # README: precision 0.884 (61/69), recall and end-to-end 0.859 (61/71), with the flip test; one sign
-    # either way is allowed for another CPU's rounding near the threshold
+    # README: boxes named by the cnn (the service's default namer, the most accurate classifier):
+    # precision, recall and end-to-end 0.859 (61/71), with the flip test; one sign either way is
+    # allowed for another CPU's rounding near the threshold
     assert report["min_score"] == loaded.inference["score_threshold"] == 0.40 and report["flip_test"]
-    assert report["recall"] >= 60 / 71 and report["end_to_end"] >= 60 / 71 and report["precision"] >= 60 / 69, report
+    assert report["classifier"] == "cnn"
+    assert report["recall"] >= 60 / 71 and report["end_to_end"] >= 60 / 71 and report["precision"] >= 60 / 72, report
