@@ -223,7 +223,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             images = [item.image for item in batch]
-            # The forward itself: a worker process's Predictor (awaited) or this process's (in a thread).
+            # The forward itself: a worker process's handler (awaited) or this process's (in a thread); app.kinds says which.
             if self._executor is None:
                 results = await self.forward(self.collate(images))
             else:
