@@ -26,7 +26,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from app.errors import Rejected
-from models.preprocessing import Preprocessing, image_to_uint8, scaled_size, to_rgb
+from models.preprocessing import Preprocessing, image_to_uint8, scaled_size, scene_size, to_rgb
 from models.scene import Scene
 
 # Declared width x height above which an image is refused unread: a 48-50 Mpx phone photo passes.
@@ -174,8 +174,8 @@ class InputDecoder:
 
 
 class SceneDecoder:
-    """A whole photo for a model that looks at the scene (a detector): RGB, upright, long side at most
-    `max_side` (None: full size). JPEGs are reduced while decoded (DCT scaling, no more than keeps the
+    """A whole photo for a model that looks at the scene (a detector): RGB, upright, its long side
+    `max_side` (None: full size; a smaller photo is enlarged toward it, models.preprocessing.scene_size). JPEGs are reduced while decoded (DCT scaling, no more than keeps the
     long side >= max_side), anything else after decoding, by an integer box filter then an
     anti-aliased bilinear resize to the exact size."""
 
@@ -195,7 +195,7 @@ class SceneDecoder:
             oriented = ImageOps.exif_transpose(image) if _needs_transpose(image) else image
             swapped = oriented.size != image.size
             original = (declared_size[1], declared_size[0]) if swapped else declared_size
-            target = scaled_size(*original, self.max_side)
+            target = scene_size(*original, self.max_side)
             small = _shrink(oriented, min(oriented.width // target[0], oriented.height // target[1]))
             rgb = to_rgb(small)
             if rgb.size != target:

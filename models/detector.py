@@ -181,23 +181,79 @@ def merge_flipped(maps: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor,
     return (heat[:n] + heat[n:].flip(-1)) / 2, (size[:n] + size[n:].flip(-1)) / 2, offset[:n]
 
 
+# The frame is also looked at reduced by these factors, each look finding signs this many times
+# bigger than the full frame's look can (a sign that fills the photo shrinks to the sizes training
+# covers); boxes of all looks are merged by one NMS. Chosen by measurement (docs/detector.md).
+PYRAMID: tuple[float, ...] = (1.0, 1 / 3, 1 / 9)
+MIN_LEVEL_SIDE = 32  # a look whose shorter side would be smaller is skipped
+
+
+def pyramid_levels(height: int, width: int, pyramid: tuple[float, ...] = PYRAMID) -> list[tuple[float, int, int]]:
+    """(factor, height, width) of each look at a `height` x `width` frame, too-small ones left out."""
+    levels = []
+    for factor in pyramid:
+        h, w = round(height * factor), round(width * factor)
+        if min(h, w) >= MIN_LEVEL_SIDE or factor == 1.0:
+            levels.append((factor, h, w))
+    return levels
+
+
+def merge_levels(per_level: list[tuple[float, list[Detection]]], max_detections: int,
+                 nms_iou: float = 0.5) -> list[Detection]:
+    """Detections of several looks at one frame (boxes in each look's pixels) -> in the frame's pixels,
+    one per sign (class-agnostic NMS over all looks), by falling score."""
+    from torchvision.ops import nms
+
+    found = [Detection(tuple(v / factor for v in d.box), d.score, d.group) for factor, ds in per_level for d in ds]
+    if len(per_level) == 1 or not found:
+        return found[:max_detections]
+    keep = nms(torch.tensor([d.box for d in found]), torch.tensor([d.score for d in found]), nms_iou)
+    kept: list[Detection] = []
+    for d in (found[i] for i in keep.tolist()):
+        # a finer look can fire on the symbol inside a sign a coarser look found whole; signs never nest
+        if not any(inside_share(d.box, k.box) >= NESTED_SHARE for k in kept):
+            kept.append(d)
+    return kept[:max_detections]
+
+
+NESTED_SHARE = 0.7  # a box this much inside a stronger one is a part of that sign
+
+
+def inside_share(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """The share of box a's area that lies inside box b."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    area = (a[2] - a[0]) * (a[3] - a[1])
+    return iw * ih / area if iw > 0 and ih > 0 and area > 0 else 0.0
+
+
 @torch.inference_mode()
 def detect(forward, images: torch.Tensor, pre, *, min_score: float, max_detections: int = 100,
-           flip_test: bool = FLIP_TEST) -> list[list[Detection]]:
+           flip_test: bool = FLIP_TEST, pyramid: tuple[float, ...] = PYRAMID) -> list[list[Detection]]:
     """uint8 frames [N, 3, H, W] (already resized by `pre`) -> detections in those frames' pixels.
 
     `forward` is the SignDetector itself (run NHWC on its own device and dtype), or any forward that
     takes `frame_batch`'s float32 input and returns the three maps (models.backends). With `flip_test`
-    the frames and their mirror images go through it as one batch of 2N (merge_flipped)."""
-    x = frame_batch(images, pre)
-    if flip_test:
-        x = torch.cat([x, x.flip(-1)])
-    if isinstance(forward, nn.Module):
-        weight = next(forward.parameters())
-        x = x.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
-    maps = tuple(m.float() for m in forward(x))
-    heat, size, offset = merge_flipped(maps, len(images)) if flip_test else maps
-    return decode(heat, size, offset, min_score=min_score, max_detections=max_detections)
+    the frames and their mirror images go through it as one batch of 2N (merge_flipped). Each factor
+    of `pyramid` is one such look at the frames reduced by it (pyramid_levels, merge_levels)."""
+    from models.preprocessing import normalize
+
+    full = normalize(images, pre)
+    per_level: list[list[tuple[float, list[Detection]]]] = [[] for _ in range(len(images))]
+    for factor, h, w in pyramid_levels(*images.shape[-2:], pyramid):
+        x = full if factor == 1.0 else F.interpolate(full, size=(h, w), mode="bilinear", antialias=True,
+                                                      align_corners=False)
+        x = pad_to_multiple(x)
+        if flip_test:
+            x = torch.cat([x, x.flip(-1)])
+        if isinstance(forward, nn.Module):
+            weight = next(forward.parameters())
+            x = x.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
+        maps = tuple(m.float() for m in forward(x))
+        heat, size, offset = merge_flipped(maps, len(images)) if flip_test else maps
+        for i, found in enumerate(decode(heat, size, offset, min_score=min_score, max_detections=max_detections)):
+            per_level[i].append((factor, found))
+    return [merge_levels(levels, max_detections) for levels in per_level]
 
 
 def classifier_crops(image, boxes: list[tuple[float, float, float, float]], pre) -> torch.Tensor:

@@ -78,6 +78,21 @@ def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int
     return max(1, round(width * ratio)), max(1, round(height * ratio))
 
 
+# A photo smaller than the detector's input is enlarged toward it by at most this factor: its signs
+# then span the pixels the detector learned them at (a 680x400 photo's 10 px sign becomes 20 px).
+MAX_ENLARGEMENT = 2.0
+
+
+def scene_size(width: int, height: int, max_side: int | None,
+               max_enlargement: float = MAX_ENLARGEMENT) -> tuple[int, int]:
+    """(width, height) a detector looks at: a larger photo reduced so its long side is `max_side`, a
+    smaller one enlarged toward it (at most `max_enlargement` times), the aspect ratio kept."""
+    if max_side is None or max(width, height) >= max_side:
+        return scaled_size(width, height, max_side)
+    ratio = min(max_enlargement, max_side / max(width, height))
+    return max(1, round(width * ratio)), max(1, round(height * ratio))
+
+
 def image_to_uint8(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """A PIL image in any mode -> uint8 tensor [3, H, W]: EXIF orientation applied, RGB, resized
     (H = W = input_size for "square", the aspect kept for "fit")."""

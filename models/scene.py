@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
 from models.calibration import RecognitionRule, is_recognized
 from models.checkpoint import LoadedModel
-from models.detector import DETECTION_FLOOR, FLIP_TEST, GROUPS, classifier_crops, detect, pad_stack
+from models.detector import (CLASSIFIER_MARGIN, DETECTION_FLOOR, FLIP_TEST, GROUPS, classifier_crops, detect,
+                             group_of, pad_stack)
 from models.ensemble import Ranked, ranked_answers
-from models.preprocessing import Preprocessing, image_to_uint8, normalize, scaled_size, upright_rgb
+from models.preprocessing import Preprocessing, image_to_uint8, normalize, scene_size, upright_rgb
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 Found = tuple[Box, float, int]  # a detection: box in the frame's pixels, score, group index
@@ -39,12 +40,14 @@ class FoundSign:
     group: str  # the detector's shape/colour group
     class_id: int  # the classifier's top-1 of the 43 classes
     probability: float  # the classifier's probability of that class
+    top: tuple[tuple[int, float], ...] = ()  # (class id, probability) of its TOP_CLASSES most probable, top-1 first
+    sign_probability: float = 1.0  # the gate's probability that the box shows one of the 43 signs
 
 
 @dataclass(frozen=True)
 class Scene:
-    """A photo ready for the pipeline: `image` RGB and upright, its long side at most the detector's
-    input; `original_size` the upload's upright (width, height), which the answers' boxes use."""
+    """A photo ready for the pipeline: `image` RGB and upright, sized for the detector
+    (models.preprocessing.scene_size); `original_size` the upload's upright (width, height), which the answers' boxes use."""
 
     image: Image.Image
     original_size: tuple[int, int]
@@ -61,6 +64,7 @@ class Scene:
         return max(0.0, x1 * sx), max(0.0, y1 * sy), min(float(width), x2 * sx), min(float(height), y2 * sy)
 
 
+TOP_CLASSES = 5  # classes each found sign lists: what the page shows for a photo of one sign
 DEFAULT_SCORE_THRESHOLD = 0.3  # for a detector checkpoint that stores none (training.evaluate_detection does)
 
 
@@ -72,7 +76,7 @@ def score_threshold(detector: LoadedModel) -> float:
 def scene_of(image: Image.Image, max_side: int) -> Scene:
     """An opened image as a Scene (the service's decoder builds the same, reducing while it decodes)."""
     upright = upright_rgb(image)
-    size = scaled_size(*upright.size, max_side)
+    size = scene_size(*upright.size, max_side)
     small = upright if size == upright.size else upright.resize(size, Image.Resampling.BILINEAR)
     return Scene(small, upright.size)
 
@@ -82,20 +86,47 @@ def scene_frame(scene: Scene, pre: Preprocessing) -> torch.Tensor:
     return image_to_uint8(scene.image, pre)
 
 
+def whole_image_box(width: int, height: int, margin: float = CLASSIFIER_MARGIN) -> Box:
+    """The box whose classifier crop (models.detector.crop_box) is the whole image: a photo framed the
+    way GTSRB frames its signs, with `margin` of the sign's size on every side."""
+    mx, my = width * margin / (1 + 2 * margin), height * margin / (1 + 2 * margin)
+    return mx, my, width - mx, height - my
+
+
 async def name_signs(scenes: Sequence[Scene], find: Find, name: Name, *, detector_pre: Preprocessing,
                      classifier_pre: Preprocessing, rule: RecognitionRule, min_score: float) -> list[list[FoundSign]]:
-    """Per scene, every sign at or above `min_score` that the classifier recognises, by falling score."""
+    """Per scene, every sign at or above `min_score` that the classifier recognises, by falling score.
+
+    A scene in which nothing is recognised is shown whole to the classifier: a photo that is one
+    sign (a close-up, a crop) is the one case a detector that looks for signs in a scene can miss
+    (the sign has no surroundings), and the classifier was trained on exactly such images. When it
+    recognises one, the answer is one box around the sign as GTSRB frames it (whole_image_box), its
+    score the gate's probability that the image shows one of the 43 signs."""
     found = await find([scene_frame(s, detector_pre) for s in scenes])
     kept = [[f for f in frame if f[1] >= min_score] for frame in found]
+    answers = await _named(scenes, kept, name, classifier_pre, rule)
+    empty = [i for i, named in enumerate(answers) if not named]
+    if empty:
+        wholes = [[(whole_image_box(*scenes[i].image.size), 0.0, 0)] for i in empty]
+        for i, named in zip(empty, await _named([scenes[i] for i in empty], wholes, name, classifier_pre, rule)):
+            answers[i] = [replace(sign, group=GROUPS[group_of(sign.class_id)], score=sign.sign_probability) for sign in named]
+    return answers
+
+
+async def _named(scenes: Sequence[Scene], boxes: list[list[Found]], name: Name, classifier_pre: Preprocessing,
+                 rule: RecognitionRule) -> list[list[FoundSign]]:
+    """Per scene, the boxes the classifier recognises, named, in the upload's pixels."""
     crops = [await asyncio.to_thread(classifier_crops, scene.image, [f[0] for f in signs], classifier_pre)
-             for scene, signs in zip(scenes, kept) if signs]
+             for scene, signs in zip(scenes, boxes) if signs]
     ranked = iter(await name([c for batch in crops for c in batch]) if crops else [])
     answers = []
-    for scene, signs in zip(scenes, kept):
+    for scene, signs in zip(scenes, boxes):
         named = []
         for (box, score, group), (class_ids, probabilities, sign_probability) in zip(signs, ranked):
             if is_recognized(probabilities[0], sign_probability, rule):
-                named.append(FoundSign(scene.to_original(box), score, GROUPS[group], class_ids[0], probabilities[0]))
+                top = tuple(zip(class_ids[:TOP_CLASSES], probabilities[:TOP_CLASSES]))
+                named.append(FoundSign(scene.to_original(box), score, GROUPS[group], class_ids[0], probabilities[0],
+                                       top, sign_probability))
         answers.append(named)
     return answers
 

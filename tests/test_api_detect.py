@@ -106,3 +106,33 @@ def test_classifier_choice_and_bad_requests(client, val_frames, classifier_names
         assert response.status_code == status, (params, response.text)
         assert needle in response.text
     assert client.post("/v1/predict", files=files((name, data)), params={"model": "detector"}).status_code == 422
+
+
+def test_a_close_up_of_one_sign_comes_back_as_one_box_named_with_its_top_5(client):
+    """The phone photo of a single sign: a GTSRB test image enlarged to 600x600 (as a user would send)."""
+    from training.scale_views import close_up, gtsrb_test_crops
+
+    right = 0
+    crops = gtsrb_test_crops(default_data_root(), 6, seed=5)
+    for crop in crops:
+        view = close_up(crop)
+        [result] = detect(client, ("close-up.jpg", encode(view.image, "JPEG")))["results"]
+        assert (result["width"], result["height"]) == (600, 600)
+        signs = [s for s in result["signs"] if box_iou(tuple(s["box"]), view.target.box) >= 0.5]
+        right += len(signs) == 1 and signs[0]["class_id"] == crop.class_id
+        for sign in result["signs"]:
+            assert len(sign["top"]) == 5 and sign["top"][0]["class_id"] == sign["class_id"]
+            assert [p["probability"] for p in sign["top"]] == sorted((p["probability"] for p in sign["top"]),
+                                                                      reverse=True)
+    assert right >= 5, right  # 0.98 of 200 close-ups in the evaluation (docs/detector.md)
+
+
+def test_a_small_photo_is_enlarged_for_the_detector_and_answers_in_its_own_pixels(client, val_frames):
+    name, data, signs = next(v for v in val_frames if any(s.box[2] - s.box[0] >= 30 for s in v[2]))
+    with Image.open(io.BytesIO(data)) as image:
+        small = encode(image.convert("RGB").resize((680, 400), Image.Resampling.BILINEAR), "JPEG")
+    [result] = detect(client, ("small.jpg", small))["results"]
+    assert (result["width"], result["height"]) == (680, 400)
+    big = max(signs, key=lambda s: s.box[2] - s.box[0])
+    truth = tuple(v / 2 for v in big.box)
+    assert any(box_iou(tuple(s["box"]), truth) >= 0.5 and s["class_id"] == big.class_id for s in result["signs"])

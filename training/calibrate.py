@@ -8,7 +8,8 @@ For each checkpoint (docs/calibration.md has the reasons and the measurements):
    trained on every track: it is ~100 % right and sure on them, so a temperature fitted there makes
    it over-confident; they are still reported, as the split the textbook recipe would use;
 2. sign gate: a logistic regression on the frozen penultimate features, GTSRB training crops and
-   those GTSDB sign crops against background patches cut from the same frames away from every sign;
+   those GTSDB sign crops against background patches cut from the same frames away from every sign
+   and the detector's hard negatives there (training.hard_negatives: what it proposes where no sign is);
    its threshold is the lowest that rejects VALIDATION_REJECTION of the background patches of the
    validation frames 00500-00599, folded into the gate's bias so that P(sign) >= 0.5 is the test;
 3. minimum confidence: the lowest threshold on the calibrated top-1 probability at which the
@@ -38,8 +39,9 @@ from models.calibration import (Calibration, RecognitionRule, calibrated_probabi
 from models.checkpoint import LoadedModel, atomic_save, load_checkpoint, safe_load
 from models.ensemble import ENSEMBLE_MEMBERS, EnsembleSpec, ensemble_probabilities, ensemble_sign_probability
 from models.preprocessing import Preprocessing
+from training.hard_negatives import DEFAULT_FILE as HARD_NEGATIVES_FILE, read_hard_negatives
 from training.calibration_data import (FIT_FRAMES, VALIDATION_FRAMES, gtsdb_background_patches, gtsdb_sign_crops,
-                                       track_split)
+                                       hard_negative_crops, track_split)
 from training.collect import logits_and_features
 from models.gtsrb import default_data_root, list_samples, load_split
 
@@ -72,11 +74,12 @@ class Images:
     test: tuple[torch.Tensor, torch.Tensor]  # GTSRB test: measured, never fitted on
     signs_fit: tuple[torch.Tensor, torch.Tensor]  # GTSDB sign crops, frames 00000-00499
     signs_validation: tuple[torch.Tensor, torch.Tensor]  # GTSDB sign crops, frames 00500-00599
-    background_fit: torch.Tensor
+    background_fit: torch.Tensor  # random patches and the hard negatives, frames 00000-00499
     background_validation: torch.Tensor
 
 
-def load_images(data_root: str, pre: Preprocessing, log: Callable[[str], None]) -> Images:
+def load_images(data_root: str, pre: Preprocessing, log: Callable[[str], None],
+                hard_negatives: list[dict] = ()) -> Images:
     started = time.perf_counter()
     gtsdb = Path(data_root) / "gtsdb"
     train, test = load_split(data_root, "train", pre), load_split(data_root, "test", pre)
@@ -89,7 +92,8 @@ def load_images(data_root: str, pre: Preprocessing, log: Callable[[str], None]) 
         test=(test.images, test.labels),
         signs_fit=gtsdb_sign_crops(gtsdb, FIT_FRAMES, pre),
         signs_validation=gtsdb_sign_crops(gtsdb, VALIDATION_FRAMES, pre),
-        background_fit=gtsdb_background_patches(gtsdb, FIT_FRAMES, PATCHES_PER_FIT_FRAME, pre, seed=0),
+        background_fit=torch.cat([gtsdb_background_patches(gtsdb, FIT_FRAMES, PATCHES_PER_FIT_FRAME, pre, seed=0),
+                                  hard_negative_crops(gtsdb, list(hard_negatives), FIT_FRAMES, pre)]),
         background_validation=gtsdb_background_patches(gtsdb, VALIDATION_FRAMES, PATCHES_PER_VALIDATION_FRAME,
                                                        pre, seed=1),
     )
@@ -276,13 +280,14 @@ def write_calibration(path: Path, calibration: Calibration, ensemble: dict | Non
 
 
 def calibrate_checkpoints(paths: list[Path], data_root: str, log: Callable[[str], None] = print,
-                          write: bool = True, device: str = "cpu") -> dict[str, Calibration]:
+                          write: bool = True, device: str = "cpu",
+                          hard_negatives: list[dict] = ()) -> dict[str, Calibration]:
     images: dict[Preprocessing, Images] = {}
     fitted: dict[str, tuple[Calibration, dict[str, Split]]] = {}
     for path in paths:
         loaded = load_checkpoint(path, device=device)
         if loaded.preprocessing not in images:
-            images[loaded.preprocessing] = load_images(data_root, loaded.preprocessing, log)
+            images[loaded.preprocessing] = load_images(data_root, loaded.preprocessing, log, hard_negatives)
         started = time.perf_counter()
         splits = run_model(loaded, images[loaded.preprocessing])
         log(f"{loaded.name}: forward over every set in {time.perf_counter() - started:.0f} s")
@@ -313,13 +318,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding gtsrb/ and gtsdb/ (env GTSRB_ROOT)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    parser.add_argument("--hard-negatives", default=str(HARD_NEGATIVES_FILE),
+                        help="the detector's mined false positives, among the gate's background ('' for none)")
     args = parser.parse_args(argv)
     for path in args.checkpoint:
         if not path.is_file():
             parser.error(f"no checkpoint at {path}")
     if not (Path(args.data_root) / "gtsdb" / "gt.txt").is_file():
         parser.error(f"no GTSDB frames under {args.data_root}/gtsdb (calibration fits on its sign crops)")
-    calibrate_checkpoints(args.checkpoint, args.data_root, write=not args.dry_run, device=args.device)
+    hard = read_hard_negatives(args.hard_negatives) if args.hard_negatives else []
+    calibrate_checkpoints(args.checkpoint, args.data_root, write=not args.dry_run, device=args.device,
+                          hard_negatives=hard)
     return 0
 
 

@@ -143,3 +143,22 @@ def gtsdb_background_patches(gtsdb_root: str | Path, frames: range, per_frame: i
     """uint8 [N, 3, S, S]: the background squares of `frames` in the preprocessing `pre`."""
     squares = background_squares(gtsdb_root, frames, per_frame, seed, sides)
     return torch.stack([image_to_uint8(patch, pre) for patch in background_images(gtsdb_root, squares)])
+
+
+def hard_negative_crops(gtsdb_root: str | Path, negatives: list[dict], frames: range, pre: Preprocessing) -> torch.Tensor:
+    """uint8 [N, 3, S, S]: the mined boxes (training.hard_negatives) of `frames`, cut as the service cuts
+    a detector's box for its classifier (models.detector.crop_box), so the gate learns to reject what
+    the detector actually proposes where no sign is."""
+    from models.detector import crop_box
+
+    by_frame: dict[int, list[dict]] = defaultdict(list)
+    for negative in negatives:
+        frame = int(Path(negative["frame"]).stem)
+        if frame in frames:
+            by_frame[frame].append(negative)
+    crops = []
+    for frame in sorted(by_frame):
+        image = _frame(gtsdb_root, frame)
+        crops += [image_to_uint8(image.crop(crop_box(tuple(n["box"]), image.width, image.height)), pre)
+                  for n in by_frame[frame]]
+    return torch.stack(crops) if crops else torch.zeros(0, 3, pre.input_size, pre.input_size, dtype=torch.uint8)

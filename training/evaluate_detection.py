@@ -27,8 +27,10 @@ from models.scene import find_signs
 from models.gtsrb import PROJECT_ROOT, default_data_root
 from training.detection_metrics import balanced_threshold, detection_summary, match
 from models.gtsdb import read_ground_truth, split_frames
+from training.scale_views import close_up, gtsrb_test_crops, zoom_views
 
 SIZE_BUCKETS = ((0, 24), (24, 48), (48, 10_000))  # sign width in pixels
+VIEW_SIZE_BUCKETS = ((0, 24), (24, 48), (48, 96), (96, 192), (192, 384), (384, 10_000))
 SWEEP = tuple(t / 100 for t in range(20, 71, 5))  # the score thresholds --sweep reports
 
 
@@ -60,6 +62,39 @@ def scored_at(evaluated: list, min_score: float) -> tuple[int, list[tuple[int, f
     return named, per_sign
 
 
+def score_views(views, detector: LoadedModel, classifier: LoadedModel, min_score: float,
+                flip_test: bool) -> dict:
+    """Run the scene pipeline on each view: how many target signs were found and named right, how
+    many boxes were answered and how many of them match none of the view's signs, and per target
+    width (VIEW_SIZE_BUCKETS) the named-right share."""
+    count = named = boxes = false_positives = one_box = 0
+    by_width: dict[tuple[int, int], list[int]] = {}
+    for view in views:
+        found = find_signs(view.image, detector, classifier, min_score=min_score, flip_test=flip_test)
+        hits = match([(f.box, f.score) for f in found], [s.box for s in view.signs])
+        target = view.signs.index(view.target)
+        right = any(j == target and f.class_id == view.target.class_id for f, j in zip(found, hits))
+        count, named = count + 1, named + right
+        boxes += len(found)
+        false_positives += sum(j is None for j in hits)
+        one_box += len(found) == 1
+        width = view.target.box[2] - view.target.box[0]
+        bucket = next(b for b in VIEW_SIZE_BUCKETS if b[0] <= width < b[1])
+        by_width.setdefault(bucket, [0, 0])
+        by_width[bucket][0] += 1
+        by_width[bucket][1] += right
+    return {"views": count, "named_right": named / max(1, count), "boxes": boxes,
+            "precision": (boxes - false_positives) / boxes if boxes else 1.0, "one_box": one_box / max(1, count),
+            "by_width": {f"{lo}-{hi if hi < 10_000 else 'max'}": {"views": n, "named_right": r / n}
+                         for (lo, hi), (n, r) in sorted(by_width.items())}}
+
+
+def print_views(label: str, scored: dict) -> None:
+    widths = ", ".join(f"{k} px {v['named_right']:.2f} ({v['views']})" for k, v in scored["by_width"].items())
+    print(f"{label:<14}{scored['views']:>6}{scored['named_right']:>13.3f}{scored['precision']:>11.3f}"
+          f"{scored['one_box']:>9.3f}   {widths}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(PROJECT_ROOT / "models" / "checkpoints" / "detector.pt"))
@@ -79,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="take the sweep's balanced threshold (the highest lesser of precision and recall; ties: "
                         "the higher threshold), report at it, and store it in the "
                         "checkpoint as the service's default min_score (inference.score_threshold); implies --sweep")
+    p.add_argument("--zooms", default="", help="also score zoom views at these factors, e.g. 1,2,3,4: windows of "
+                   "the frames around each sign scaled back to the frame's size (training/scale_views.py)")
+    p.add_argument("--close-ups", type=int, default=0, metavar="N",
+                   help="also score N GTSRB test images (seeded draw), each enlarged to a 600x600 photo of one sign")
+    p.add_argument("--crops", type=int, default=0, metavar="N",
+                   help="also score N GTSRB test images (the same draw) as stored, 15-96 px crops of one sign")
+    p.add_argument("--photo-scale", type=float, default=None, metavar="F",
+                   help="show every frame resized by F (e.g. 0.5: a 680x400 photo), boxes scaled with it")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluated = []  # (signs found down to 0.05, the frame's true signs)
     for frame in frames:
         with Image.open(folder / frame.name) as image:
+            truths = frame.signs
+            if args.photo_scale:
+                k = args.photo_scale
+                image = image.resize((round(image.width * k), round(image.height * k)), Image.Resampling.BILINEAR)
+                truths = [type(s)(tuple(v * k for v in s.box), s.class_id) for s in truths]
             started = time.perf_counter()
             evaluated.append((find_signs(image, detector, classifier, min_score=min(0.05, min_score),
-                                         flip_test=args.flip_test), frame.signs))
+                                         flip_test=args.flip_test), truths))
             seconds.append(time.perf_counter() - started)
     low_threshold = [([(f.box, f.score) for f in found], [s.box for s in truths]) for found, truths in evaluated]
     if args.sweep or args.choose_threshold:
@@ -134,6 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"precision {result['precision']:.4f} recall {result['recall']:.4f} AP@0.5 {result['map50']:.4f} "
           f"end-to-end {result['end_to_end']:.4f} ({named}/{signs} found and named right); "
           f"median {1000 * result['seconds_per_frame_median']:.0f} ms per frame in-process")
+    views: dict[str, dict] = {}
+    for zoom in [float(z) for z in args.zooms.split(",") if z.strip()]:
+        views[f"zoom {zoom:g}x"] = score_views(zoom_views(frames, folder, zoom), detector, classifier, min_score,
+                                              args.flip_test)
+    if args.close_ups:
+        crops = gtsrb_test_crops(args.data_root, args.close_ups)
+        views["close-ups"] = score_views(map(close_up, crops), detector, classifier, min_score, args.flip_test)
+    if args.crops:
+        crops = gtsrb_test_crops(args.data_root, args.crops)
+        views["crops"] = score_views((close_up(c, None) for c in crops), detector, classifier, min_score,
+                                     args.flip_test)
+    if views:
+        print(f"{'views':<14}{'count':>6}{'named right':>13}{'precision':>11}{'one box':>9}   named right by sign width")
+        for label, scored in views.items():
+            print_views(label, scored)
+        result["views"] = views
     print(json.dumps(result))
     return 0
 

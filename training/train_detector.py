@@ -26,8 +26,9 @@ from models.checkpoint import make_checkpoint, unwrap
 from models.detector import GROUPS, SignDetector, detect
 from models.paths import checkpoint_dir, default_data_root
 from models.preprocessing import Preprocessing, normalize
-from training.detection_data import CropSampler, load_paste_signs
+from training.detection_data import PASTE_WIDTHS, SCALE_RANGE, CropSampler, load_paste_signs
 from training.detection_metrics import balanced_threshold, detection_summary
+from training.hard_negatives import DEFAULT_FILE as HARD_NEGATIVES_FILE, read_hard_negatives
 from models.gtsdb import FRAME_SIZE, load_frames, read_ground_truth, split_frames
 from training.loop import Loop, RunFiles, distributed, init_weights, make_scheduler, parameter_groups, run_epochs
 from training.utils import Logger, Preemption, describe_machine, setup_distributed, teardown_distributed
@@ -52,6 +53,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay to zero")
     p.add_argument("--paste-signs", type=int, default=4000, help="GTSRB crops to paste into windows (0: none)")
     p.add_argument("--paste-probability", type=float, default=0.5, help="share of windows that get pasted signs")
+    p.add_argument("--scale-range", type=float, nargs=2, default=SCALE_RANGE, metavar=("MIN", "MAX"),
+                   help="window rescale factors, drawn log-uniform")
+    p.add_argument("--paste-widths", type=float, nargs=2, default=PASTE_WIDTHS, metavar=("MIN", "MAX"),
+                   help="widths in pixels of the pasted GTSRB signs, drawn log-uniform")
+    p.add_argument("--hard-negatives", default=str(HARD_NEGATIVES_FILE),
+                   help="boxes mined by training.hard_negatives ('' for none)")
+    p.add_argument("--hard-negative-probability", type=float, default=0.25,
+                   help="share of windows centred on a hard negative")
     p.add_argument("--max-train-frames", type=int, default=None, help="first N training frames, for smoke runs")
     p.add_argument("--max-val-frames", type=int, default=None, help="first N validation frames, for smoke runs")
     p.add_argument("--seed", type=int, default=0)
@@ -155,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     train_pixels = load_frames(args.data_root, train_frames)
     val_pixels = load_frames(args.data_root, val_frames) if rank == 0 else []
     paste = load_paste_signs(args.data_root, args.paste_signs, seed=args.seed) if args.paste_signs else []
+    hard = read_hard_negatives(args.hard_negatives) if args.hard_negatives else []
     sampler = CropSampler(train_frames, train_pixels, paste, crop=args.crop, paste_probability=args.paste_probability,
-                          seed=args.seed * 1000 + rank)
+                          seed=args.seed * 1000 + rank, scale=tuple(args.scale_range),
+                          paste_widths=tuple(args.paste_widths), hard_negatives=hard,
+                          hard_probability=args.hard_negative_probability)
 
     model = SignDetector(num_groups=len(GROUPS))
     init_weights(model, "kaiming")
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     data_info = {"root": str(args.data_root), "dataset": "GTSDB", "train_frames": len(train_frames),
                  "train_signs": signs, "val_frames": len(val_frames),
                  "val_signs": sum(len(f.signs) for f in val_frames), "paste_signs": len(paste),
+                 "hard_negatives": len(sampler.hard),
                  "input_size": pre.input_size}
     train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
     train_args["machine"] = describe_machine(device, world)
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = distributed(model, world, device)
     log(f"model detector ({count_parameters(model):,} parameters, start random) on {device}"
         f"{' x' + str(world) if world > 1 else ''}; train {len(train_frames)} frames / {signs} signs + "
-        f"{len(paste)} GTSRB signs to paste, val {len(val_frames)} frames; {args.crops_per_epoch} windows of "
+        f"{len(paste)} GTSRB signs to paste + {len(sampler.hard)} hard negatives, val {len(val_frames)} frames; {args.crops_per_epoch} windows of "
         f"{args.crop}px per epoch, AdamW lr {args.lr} batch {args.batch_size}")
 
     def train_epoch(epoch: int) -> dict | None:

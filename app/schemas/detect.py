@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from app.schemas.predict import Prediction
 from models.detector import DETECTION_FLOOR
-from models.scene import FoundSign
+from models.scene import TOP_CLASSES, FoundSign
 
 
 class DetectQuery(BaseModel):
@@ -23,12 +24,15 @@ class Sign(BaseModel):
     class_id: int = Field(..., ge=0, description="GTSRB class id named by the classifier")
     label: str = Field(..., description="English name of the sign")
     probability: float = Field(..., ge=0, le=1, description="the classifier's probability of that class")
+    top: list[Prediction] = Field(..., description=f"the classifier's {TOP_CLASSES} most probable classes for "
+                                                   "the box, most probable first (calibrated, as /v1/predict's)")
 
     @classmethod
     def of(cls, found: "FoundSign", labels: list[str]) -> "Sign":
         """A sign the scene pipeline found (models.scene), as answered: the box to 0.1 px."""
         return cls(box=tuple(round(v, 1) for v in found.box), score=found.score, group=found.group,
-                   class_id=found.class_id, label=labels[found.class_id], probability=found.probability)
+                   class_id=found.class_id, label=labels[found.class_id], probability=found.probability,
+                   top=[Prediction(class_id=c, label=labels[c], probability=p) for c, p in found.top])
 
 
 class FrameResult(BaseModel):
@@ -47,6 +51,8 @@ class DetectResponse(BaseModel):
         "model": "detector", "classifier": "resnet18",
         "results": [{"filename": "street.jpg", "width": 1360, "height": 800, "signs": [
             {"box": [774.0, 411.0, 816.0, 447.0], "score": 0.81, "group": "danger", "class_id": 11,
-             "label": "Right-of-way at the next intersection", "probability": 0.97},
+             "label": "Right-of-way at the next intersection", "probability": 0.97, "top": [
+                 {"class_id": 11, "label": "Right-of-way at the next intersection", "probability": 0.97},
+                 {"class_id": 30, "label": "Beware of ice/snow", "probability": 0.02}]},
         ]}],
     }]}}

@@ -1,11 +1,11 @@
-// The upload page: pick or drop images. Crops go to /v1/predict (top-5 signs per image); photos
-// larger than a crop go to /v1/detect when a detector is served (every sign boxed and named).
-// An image that most likely shows none of the signs says so plainly: "No sign recognised".
+// The upload page: pick or drop images. When a detector is served every image goes to /v1/detect,
+// whatever its size (a street scene, a close-up, a crop): every sign boxed and named, and a photo of
+// one sign also shows that sign's top 5. Without a detector images go to /v1/predict (top 5 each).
+// An image that most likely shows none of the signs says so plainly.
 "use strict";
 
 const MAX_FILES_PER_REQUEST = 64;  // the service's default limit; larger selections go in several requests
 const TOP_K = 5;
-const CROP_MAX_SIDE = 256;  // GTSRB's crops are at most ~250 px: anything larger is treated as a photo
 let detectorName = null;
 
 const $ = (selector) => document.querySelector(selector);
@@ -74,18 +74,6 @@ function showModelInfo(models) {
     (detectorName ? `; photos: signs found by ${detectorName}, named by this model` : "");
 }
 
-// The image's pixel size, or null when the browser cannot decode it (e.g. PPM: then it is a crop).
-async function imageSize(file) {
-  try {
-    const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
-    const size = { width: bitmap.width, height: bitmap.height };
-    bitmap.close();
-    return size;
-  } catch (_) {
-    return null;
-  }
-}
-
 function sceneCard(file, result) {
   const stage = el("div", { class: "stage" }, el("img", { alt: file.name, src: URL.createObjectURL(file) }));
   const pct = (v, total) => `${(100 * v / total).toFixed(3)}%`;
@@ -97,16 +85,19 @@ function sceneCard(file, result) {
              `width: ${pct(x2 - x1, result.width)}; height: ${pct(y2 - y1, result.height)}`,
     }, el("span", { class: "tag", text: String(i + 1) })));
   });
+  const only = result.signs.length === 1 ? result.signs[0] : null;
   const list = result.signs.length
     ? el("ol", { class: "signs" }, ...result.signs.map((s) => el("li", { class: "sign", "data-class-id": String(s.class_id) },
         el("span", { class: "label", text: s.label }), " ",
         el("span", { class: "probability", text: percent(s.probability) }),
         el("span", { class: "muted", text: ` · ${s.group}, detector ${percent(s.score)}` }))))
     : el("p", { class: "no-signs", text: "No traffic sign found in this photo." });
+  // one sign: its top 5, as for a crop
+  const top = only ? [el("ol", { class: "predictions" }, ...predictionRows(only.top))] : [];
   return el("article", { class: "result scene" }, stage,
     el("div", { class: "body" }, el("div", { class: "filename", text: result.filename || file.name }),
       el("div", { class: "muted", text: `${result.width}×${result.height}, ${result.signs.length} sign` +
-                                          `${result.signs.length === 1 ? "" : "s"}` }), list));
+                                          `${result.signs.length === 1 ? "" : "s"}` }), list, ...top));
 }
 
 async function post(url, chunk) {
@@ -122,15 +113,19 @@ async function post(url, chunk) {
   return response.json();
 }
 
+function predictionRows(predictions) {
+  return predictions.map((p) => el("li", { class: "prediction", "data-class-id": String(p.class_id) },
+    el("div", { class: "row" }, el("span", { class: "label", text: p.label }),
+      el("span", { class: "probability", text: percent(p.probability) })),
+    el("div", { class: "bar" }, el("span", { style: `width: ${(100 * p.probability).toFixed(1)}%` }))));
+}
+
 function resultCard(file, result) {
   const thumb = el("div", { class: "thumb" });
   const img = el("img", { alt: file.name, src: URL.createObjectURL(file) });
   img.addEventListener("error", () => thumb.replaceChildren("no preview"));  // e.g. PPM: browsers cannot show it
   thumb.append(img);
-  const rows = result.predictions.map((p) => el("li", { class: "prediction", "data-class-id": String(p.class_id) },
-    el("div", { class: "row" }, el("span", { class: "label", text: p.label }),
-      el("span", { class: "probability", text: percent(p.probability) })),
-    el("div", { class: "bar" }, el("span", { style: `width: ${(100 * p.probability).toFixed(1)}%` }))));
+  const rows = predictionRows(result.predictions);
   const verdict = result.recognized ? []
     : [el("p", { class: "verdict", text: "No sign recognised" }),
        el("p", { class: "muted", text: "The image most likely shows none of the 43 signs; the closest classes:" })];
@@ -146,11 +141,10 @@ async function classify(files) {
   const results = $("#results");
   results.replaceChildren();
   setStatus(`Recognising ${files.length} image${files.length > 1 ? "s" : ""} with ${model}…`);
-  const sizes = await Promise.all(files.map(imageSize));
-  const isPhoto = (i) => detectorName && sizes[i] && Math.max(sizes[i].width, sizes[i].height) > CROP_MAX_SIDE;
   const cards = new Array(files.length);
-  const crops = files.map((f, i) => i).filter((i) => !isPhoto(i));
-  const photos = files.map((f, i) => i).filter((i) => isPhoto(i));
+  const all = files.map((f, i) => i);
+  const crops = detectorName ? [] : all;
+  const photos = detectorName ? all : [];
   try {
     for (let start = 0; start < crops.length; start += MAX_FILES_PER_REQUEST) {
       const idx = crops.slice(start, start + MAX_FILES_PER_REQUEST);
@@ -167,8 +161,9 @@ async function classify(files) {
     return;
   }
   results.append(...cards);
-  const found = photos.length ? `; ${photos.length} photo${photos.length > 1 ? "s" : ""} searched for signs` : "";
-  setStatus(`${files.length} image${files.length > 1 ? "s" : ""} classified by ${model}${found}.`);
+  const images = `${files.length} image${files.length > 1 ? "s" : ""}`;
+  setStatus(photos.length ? `${images} searched for signs by ${detectorName}, named by ${model}.`
+                          : `${images} classified by ${model}.`);
 }
 
 function setUpDropzone() {
