@@ -50,7 +50,11 @@ def detect_parser(sub) -> None:
     p.add_argument("--backend", default=None,
                    help="runtime request as SIGNSERVE_BACKEND (default: its value, else auto: the fastest "
                         "that passes parity, chosen once per machine and cached)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that each hold the models and take whole chunks of frames (default: one "
+                        "per core, at most 4; 1 runs them in this process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: the cores shared out among the workers)")
     p.add_argument("--shard", default=None, metavar="I/N", help="only this task's share of the files: I of N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (batch jobs get none anyway)")
     p.set_defaults(run=run_detect)
@@ -122,7 +126,7 @@ def expected_frames(paths: list[Path], fps: float | None) -> int | None:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from batch.detect import answer, chunks, cores, load_models
+    from batch.detect import Answerer, chunks, cores, load_models, split_cores
 
     if args.tracks is not None and is_csv(args.output):
         raise SystemExit("--tracks needs JSON-lines output (-o FILE.jsonl): tracks are rebuilt from it on resume")
@@ -134,15 +138,21 @@ def run_detect(args: argparse.Namespace) -> int:
     done = done_keys(args.output)
     previous = previous_signs(args.output) if args.tracks is not None else {}
     tracked = done_tracks(args.tracks) if args.tracks is not None else set()
-    threads = args.threads or cores()
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {args.workers}")
+    workers, threads = split_cores(cores(), args.workers)
+    threads = args.threads or threads
     import torch
 
     torch.set_num_threads(threads)
     backend = args.backend or os.environ.get("SIGNSERVE_BACKEND", "auto")
-    models = load_models(args.checkpoint_dir or checkpoint_dir(), args.classifier, backend, threads)
+    models_dir = args.checkpoint_dir or checkpoint_dir()
+    models = load_models(models_dir, args.classifier, backend, threads)  # each worker reuses these choices
     print(f"signserve detect: {len(files)} file(s), {len(done)} frame(s) already in {args.output}; detector "
           f"{models.detector.name}, classifier {models.classifier.name}, runtimes "
-          f"{', '.join(f'{k} {v}' for k, v in models.runtimes.items())}, {threads} thread(s)", file=sys.stderr)
+          f"{', '.join(f'{k} {v}' for k, v in models.runtimes.items())}, {workers} worker(s) of {threads} "
+          f"thread(s)", file=sys.stderr)
+    answerer = Answerer(models, workers, threads, models_dir, args.min_score)
     max_side = models.detector.preprocessing.input_size
     root = Path.cwd().resolve()
     trackers: dict[str, IouTracker] = {}
@@ -158,9 +168,11 @@ def run_detect(args: argparse.Namespace) -> int:
     tracks_out = open(args.tracks, "a") if args.tracks is not None else None
     try:
         with ResultWriter(args.output) as out:
-            for chunk in chunks(pending()):
-                fresh = [f for f in chunk if f.scene is not None and f.key not in done]
-                answers = dict(zip((id(f) for f in fresh), answer(models, fresh, args.min_score))) if fresh else {}
+            def fresh(chunk: list[Frame]) -> list[Frame]:
+                return [f for f in chunk if f.scene is not None and f.key not in done]
+
+            for chunk, answered in answerer.answered(chunks(pending()), fresh):
+                answers = dict(zip((id(f) for f in fresh(chunk)), answered))
                 for frame in chunk:
                     path = str(frame.path)
                     if frame.index is not None and args.tracks is not None and path not in tracked:
@@ -191,6 +203,7 @@ def run_detect(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: {count} frame(s) written; run the same command again to continue", file=sys.stderr)
         return 130
     finally:
+        answerer.close()
         progress.close()
         if tracks_out is not None:
             tracks_out.close()

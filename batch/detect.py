@@ -1,17 +1,22 @@
-"""The scene pipeline (models.scene.name_signs) over many frames, in this process, on every core.
+"""The scene pipeline (models.scene.name_signs) over many frames, on every core.
 
 The detector and the classifier are served checkpoints on the runtime the service would choose for
-them (app.engine.choose_backend, the same cache), run by their kinds' handlers with all the cores'
-threads. Frames go through in chunks; the next chunk decodes in a thread while this one is detected.
+them (app.engine.choose_backend, the same cache), run by their kinds' handlers. Frames go through in
+chunks, decoded in a thread of this process while the models work. With one worker the models run
+here on every core's threads; with several (the default on a multi-core machine), each worker
+process holds its own copy on a share of the threads and takes whole chunks: as in the service
+(app.workers), small convolutions use cores better side by side than split across threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -21,6 +26,7 @@ import torch
 from app.engine import choose_backend
 from app.kinds import kind_of
 from app.kinds.base import Handler
+from models.backends import BackendRecord
 from app.schemas.detect import Sign
 from app.settings import Settings
 from batch.frames import Frame
@@ -39,15 +45,20 @@ class Models:
     find: Handler
     name: Handler
     max_batch_size: int
+    records: dict[str, BackendRecord]  # the runtime chosen for each, by model name
 
     @property
     def runtimes(self) -> dict[str, str]:
         return {self.detector.name: self.find.backend, self.classifier.name: self.name.backend}
 
 
-def load_models(checkpoint_dir: Path, classifier: str | None, backend: str, threads: int) -> Models:
+
+
+def load_models(checkpoint_dir: Path, classifier: str | None, backend: str, threads: int,
+                records: dict[str, BackendRecord] | None = None) -> Models:
     """The first detector in `checkpoint_dir` and `classifier` (default: as /v1/detect, the box-naming
-    classifier with the highest test accuracy), each on its chosen runtime."""
+    classifier with the highest test accuracy), each on its chosen runtime (`records`: the runtimes
+    another process chose, by model name)."""
     loaded = [load_checkpoint(p, name=p.stem) for p in served_checkpoints(checkpoint_dir)]
     detectors = [m for m in loaded if kind_of(m).finds_boxes]
     namers = {m.name: m for m in loaded if kind_of(m).names_boxes}
@@ -60,13 +71,14 @@ def load_models(checkpoint_dir: Path, classifier: str | None, backend: str, thre
         raise SystemExit(f"no classifier checkpoint in {checkpoint_dir} to name the boxes")
     namer = namers[classifier] if classifier else max(namers.values(), key=lambda m: m.test_accuracy or 0.0)
     settings = Settings(checkpoint_dir=checkpoint_dir)
-    handlers = []
+    handlers, chosen = [], {}
     for model in (detectors[0], namer):
-        record = choose_backend(model, backend, cache_dir=settings.backend_cache_dir,
-                                batch_size=settings.max_batch_size, parity_images=settings.backend_parity_images,
-                                threads=threads, half=settings.half)
+        record = records[model.name] if records else \
+            choose_backend(model, backend, cache_dir=settings.backend_cache_dir, batch_size=settings.max_batch_size,
+                           parity_images=settings.backend_parity_images, threads=threads, half=settings.half)
         handlers.append(kind_of(model).handler(model, half=settings.half, backend=record, threads=threads))
-    return Models(detectors[0], namer, *handlers, max_batch_size=settings.max_batch_size)
+        chosen[model.name] = record
+    return Models(detectors[0], namer, *handlers, max_batch_size=settings.max_batch_size, records=chosen)
 
 
 def answer(models: Models, frames: list[Frame], min_score: float | None) -> list[list[dict]]:
@@ -107,3 +119,58 @@ def chunks(frames: Iterator[Frame], size: int = CHUNK) -> Iterator[list[Frame]]:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def split_cores(total: int, workers: int | None) -> tuple[int, int]:
+    """(worker processes, torch threads each) for `total` cores: by default one single-threaded
+    worker per core up to 4 (beyond that each worker's share of threads grows instead, so that
+    every worker's copy of the models stays worth its memory)."""
+    workers = workers or min(total, 4)
+    return workers, max(1, total // workers)
+
+
+_worker_models: Models | None = None
+
+
+def _start_worker(checkpoint_dir: Path, classifier: str | None, records: dict[str, BackendRecord], threads: int) -> None:
+    global _worker_models
+    torch.set_num_threads(threads)
+    _worker_models = load_models(checkpoint_dir, classifier, "torch", threads, records=records)
+
+
+def _answer_in_worker(frames: list[Frame], min_score: float | None) -> list[list[dict]]:
+    return answer(_worker_models, frames, min_score)
+
+
+class Answerer:
+    """Answers chunks of frames in order: here (one worker) or in worker processes, each holding
+    the models, with a chunk per worker and one more in flight so no worker waits for the next."""
+
+    def __init__(self, models: Models, workers: int, threads: int, checkpoint_dir: Path, min_score: float | None):
+        self.models, self.min_score = models, min_score
+        self.pool = None if workers == 1 else ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(checkpoint_dir, models.classifier.name, models.records, threads))
+        self.in_flight = workers + 1
+
+    def answered(self, chunks: Iterator[list[Frame]], fresh) -> Iterator[tuple[list[Frame], list[list[dict]]]]:
+        """(chunk, answers for fresh(chunk)) per chunk, in the order of `chunks`."""
+        if self.pool is None:
+            for chunk in chunks:
+                todo = fresh(chunk)
+                yield chunk, answer(self.models, todo, self.min_score) if todo else []
+            return
+        pending: deque[tuple[list[Frame], Future | None]] = deque()
+        for chunk in chunks:
+            todo = fresh(chunk)
+            pending.append((chunk, self.pool.submit(_answer_in_worker, todo, self.min_score) if todo else None))
+            if len(pending) >= self.in_flight:
+                done, future = pending.popleft()
+                yield done, future.result() if future else []
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result() if future else []
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)

@@ -39,8 +39,10 @@ def test_upload_page_classifies_a_real_image(browser, server, client, gtsrb_test
             target = tmp_path / f"{Path(path).stem}.png"
             target.write_bytes(encode(image.convert("RGB"), "PNG"))
             uploads.append((target, label))
-    expected = client.post("/v1/predict", params={"model": "cnn"},
+    # the page sends every image to /v1/detect: a crop comes back as one sign, boxed, with its top 5
+    expected = client.post("/v1/detect", params={"classifier": "cnn"},
                            files=files(*[(p.name, p.read_bytes()) for p, _ in uploads])).json()["results"]
+    assert all(len(r["signs"]) == 1 for r in expected), expected
 
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
     errors: list[str] = []
@@ -50,7 +52,7 @@ def test_upload_page_classifies_a_real_image(browser, server, client, gtsrb_test
     page.select_option("#model", "cnn")
     page.set_input_files("#files", [str(p) for p, _ in uploads])
     page.wait_for_selector("#results .result >> nth=2")
-    assert "classified" in page.inner_text("#status")
+    assert "searched for signs by detector, named by cnn" in page.inner_text("#status")
 
     cards = page.locator("#results .result")
     assert cards.count() == len(uploads)
@@ -60,7 +62,8 @@ def test_upload_page_classifies_a_real_image(browser, server, client, gtsrb_test
         rows = card.locator(".prediction")
         assert rows.count() == 5
         top_label = rows.nth(0).locator(".label").inner_text()
-        assert top_label == want["predictions"][0]["label"]  # what the API says for the same file
+        assert top_label == want["signs"][0]["top"][0]["label"]  # what the API says for the same file
+        assert card.locator(".box").count() == 1
         assert top_label in CLASS_NAMES
         assert rows.nth(0).locator(".probability").inner_text().endswith("%")
         assert card.locator("img").evaluate("img => img.naturalWidth") > 0  # the preview rendered
@@ -142,8 +145,8 @@ def test_upload_page_boxes_the_signs_of_a_street_photo(browser, server, client, 
     assert "searched for signs" in page.inner_text("#status")
 
     scenes = page.locator("#results .result.scene")
-    assert scenes.count() == 2
-    for k, (each, signs) in enumerate(zip(photos, answers)):  # each photo boxed and named on its own card
+    assert scenes.count() == 3
+    for k, (each, signs) in zip((0, 2), zip(photos, answers)):  # each photo boxed and named on its own card
         card = scenes.nth(k)
         assert card.locator(".filename").inner_text() == each.name
         assert card.locator(".box").count() == len(signs)
@@ -155,7 +158,8 @@ def test_upload_page_boxes_the_signs_of_a_street_photo(browser, server, client, 
     scale = stage["width"] / 1360
     x1, y1, x2, y2 = expected[0]["box"]
     assert abs(first["x"] - stage["x"] - x1 * scale) <= 3 and abs(first["width"] - (x2 - x1) * scale) <= 3
-    assert page.locator("#results .result:not(.scene) .prediction").count() == 5  # the crop keeps its view
+    crop_card = page.locator("#results .result").nth(1)  # a crop is a photo of one sign: boxed, with its top 5
+    assert crop_card.locator(".box").count() == 1 and crop_card.locator(".prediction").count() == 5
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "scene-page.png"), full_page=True)
@@ -176,10 +180,10 @@ def test_upload_page_says_plainly_when_no_sign_is_recognised(browser, server, cl
     sign = tmp_path / "sign.png"
     with Image.open(gtsrb_test_samples[20][0]) as image:
         sign.write_bytes(encode(image.convert("RGB"), "PNG"))
-    results = client.post("/v1/predict", params={"model": "cnn"},
+    results = client.post("/v1/detect", params={"classifier": "cnn"},
                           files=files((background.name, background.read_bytes()), (sign.name, sign.read_bytes()))
                           ).json()["results"]
-    assert [r["recognized"] for r in results] == [False, True]
+    assert [len(r["signs"]) for r in results] == [0, 1]
 
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto(server.url + "/")
@@ -188,9 +192,9 @@ def test_upload_page_says_plainly_when_no_sign_is_recognised(browser, server, cl
     page.set_input_files("#files", [str(background), str(sign)])
     page.wait_for_selector("#results .result >> nth=1")
     cards = page.locator("#results .result")
-    assert cards.nth(0).locator(".verdict").inner_text() == "No sign recognised"
-    assert cards.nth(0).locator(".prediction").count() == 5  # the closest classes are still listed
-    assert cards.nth(1).locator(".verdict").count() == 0
+    assert cards.nth(0).locator(".no-signs").inner_text() == "No traffic sign found in this photo."
+    assert cards.nth(0).locator(".box").count() == 0
+    assert cards.nth(1).locator(".no-signs").count() == 0 and cards.nth(1).locator(".prediction").count() == 5
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "upload-page-no-sign.png"), full_page=True)
     page.close()
