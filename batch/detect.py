@@ -31,7 +31,7 @@ from app.schemas.detect import Sign
 from app.settings import Settings
 from batch.frames import Frame
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
-from models.scene import name_signs, score_threshold
+from models.scene import name_signs, scene_rule, score_threshold
 
 log = logging.getLogger("signserve")
 
@@ -100,7 +100,7 @@ def answer(models: Models, frames: list[Frame], min_score: float | None) -> list
 
     found = asyncio.run(name_signs([f.scene for f in frames], find, name, detector_pre=detector.preprocessing,
                                    classifier_pre=classifier.preprocessing,
-                                   rule=classifier.calibration.rule,
+                                   rule=scene_rule(classifier.calibration.rule, detector),
                                    min_score=score_threshold(detector) if min_score is None else min_score))
     return [[Sign.of(s, classifier.class_names).model_dump() for s in signs] for signs in found]
 

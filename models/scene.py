@@ -73,6 +73,16 @@ def score_threshold(detector: LoadedModel) -> float:
     return detector.inference.get("score_threshold", DEFAULT_SCORE_THRESHOLD)
 
 
+def scene_rule(rule: RecognitionRule, detector: LoadedModel, min_probability: float | None = None) -> RecognitionRule:
+    """The rule a box found in a photo is named under: the classifier's, with its top-1 probability
+    at least `min_probability` (default: the one the detector's evaluation chose with its score
+    threshold and stored). A box in a street photo is far less likely a sign than an image a user
+    sends as one, so the classifier must be surer: lamps and tail lights otherwise pass as yellow
+    "Priority road" diamonds at 0.7-0.9."""
+    floor = detector.inference.get("min_probability", 0.0) if min_probability is None else min_probability
+    return replace(rule, min_confidence=max(rule.min_confidence, floor))
+
+
 def scene_of(image: Image.Image, max_side: int) -> Scene:
     """An opened image as a Scene (the service's decoder builds the same, reducing while it decodes)."""
     upright = upright_rgb(image)
@@ -132,8 +142,10 @@ async def _named(scenes: Sequence[Scene], boxes: list[list[Found]], name: Name, 
 
 
 def find_signs(image: Image.Image, detector: LoadedModel, classifier: LoadedModel,
-               min_score: float | None = None, flip_test: bool = FLIP_TEST) -> list[FoundSign]:
-    """`name_signs` on one photo with in-process models (min_score: the detector's threshold)."""
+               min_score: float | None = None, flip_test: bool = FLIP_TEST,
+               min_probability: float | None = None) -> list[FoundSign]:
+    """`name_signs` on one photo with in-process models (min_score, min_probability: the detector's
+    stored choices, scene_rule)."""
     min_score = score_threshold(detector) if min_score is None else min_score
     calibrated = classifier.calibrated()
 
@@ -151,5 +163,6 @@ def find_signs(image: Image.Image, detector: LoadedModel, classifier: LoadedMode
 
     scene = scene_of(image, detector.preprocessing.input_size)
     return asyncio.run(name_signs([scene], find, name, detector_pre=detector.preprocessing,
-                                  classifier_pre=classifier.preprocessing, rule=classifier.calibration.rule,
+                                  classifier_pre=classifier.preprocessing,
+                                  rule=scene_rule(classifier.calibration.rule, detector, min_probability),
                                   min_score=min_score))[0]

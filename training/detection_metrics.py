@@ -78,3 +78,14 @@ def balanced_threshold(points: dict[float, tuple[float, float]]) -> float:
     """Score threshold -> (precision, recall): the threshold whose smaller figure is highest (ties: the
     higher threshold). Users need both: a missed sign and a made-up one cost alike."""
     return max(sorted(points, reverse=True), key=lambda t: min(points[t]))
+
+
+def operating_point(points: dict[tuple[float, float], tuple[float, float]], min_precision: float) -> tuple[float, float]:
+    """(probability floor, score threshold) -> (precision, recall): the point with the highest recall
+    among those whose precision reaches `min_precision` (ties: the stricter point), so that a box the
+    service answers is right that often; when no point reaches it, the balanced one (as above)."""
+    strict = sorted(points, reverse=True)
+    precise = [p for p in strict if points[p][0] >= min_precision]
+    if precise:
+        return max(precise, key=lambda p: points[p][1])
+    return max(strict, key=lambda p: min(points[p]))

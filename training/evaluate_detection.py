@@ -25,20 +25,31 @@ from models.checkpoint import LoadedModel, atomic_save, load_checkpoint, safe_lo
 from models.detector import GROUPS, group_of
 from models.scene import find_signs
 from models.gtsrb import PROJECT_ROOT, default_data_root
-from training.detection_metrics import balanced_threshold, detection_summary, match
+from training.detection_metrics import detection_summary, match, operating_point
 from models.gtsdb import read_ground_truth, split_frames
 from training.scale_views import close_up, gtsrb_test_crops, zoom_views
 
 SIZE_BUCKETS = ((0, 24), (24, 48), (48, 10_000))  # sign width in pixels
 VIEW_SIZE_BUCKETS = ((0, 24), (24, 48), (48, 96), (96, 192), (192, 384), (384, 10_000))
 SWEEP = tuple(t / 100 for t in range(20, 71, 5))  # the score thresholds --sweep reports
+# classifier probabilities --choose-threshold tries as the scene rule's floor (models.scene.scene_rule)
+PROBABILITY_FLOORS = (0.0, 0.9, 0.95, 0.98)
+MIN_PRECISION = 0.95  # --choose-threshold: the most recall among the points this precise (detection_metrics)
 
 
-def store_threshold(path: Path, score_threshold: float) -> None:
-    """Write the service's default min_score into a detector checkpoint (atomically, nothing else changes)."""
+def store_threshold(path: Path, score_threshold: float, min_probability: float) -> None:
+    """Write the service's default min_score and the probability floor of its scene rule
+    (models.scene.scene_rule) into a detector checkpoint (atomically, nothing else changes)."""
     checkpoint = safe_load(path)
-    checkpoint["inference"] = {**checkpoint.get("inference", {}), "score_threshold": score_threshold}
+    checkpoint["inference"] = {**checkpoint.get("inference", {}), "score_threshold": score_threshold,
+                               "min_probability": min_probability}
     atomic_save(checkpoint, path)
+
+
+def sweep_points(evaluated: list) -> dict[float, tuple[float, float]]:
+    """(precision, recall) at each SWEEP score threshold."""
+    low = [([(f.box, f.score) for f in found], [s.box for s in truths]) for found, truths in evaluated]
+    return {t: (lambda at: (at["precision"], at["recall"]))(detection_summary(low, t)) for t in SWEEP}
 
 
 def naming_classifier(directory: Path) -> LoadedModel:
@@ -63,14 +74,15 @@ def scored_at(evaluated: list, min_score: float) -> tuple[int, list[tuple[int, f
 
 
 def score_views(views, detector: LoadedModel, classifier: LoadedModel, min_score: float,
-                flip_test: bool) -> dict:
+                flip_test: bool, min_probability: float) -> dict:
     """Run the scene pipeline on each view: how many target signs were found and named right, how
     many boxes were answered and how many of them match none of the view's signs, and per target
     width (VIEW_SIZE_BUCKETS) the named-right share."""
     count = named = boxes = false_positives = one_box = 0
     by_width: dict[tuple[int, int], list[int]] = {}
     for view in views:
-        found = find_signs(view.image, detector, classifier, min_score=min_score, flip_test=flip_test)
+        found = find_signs(view.image, detector, classifier, min_score=min_score, flip_test=flip_test,
+                           min_probability=min_probability)
         hits = match([(f.box, f.score) for f in found], [s.box for s in view.signs])
         target = view.signs.index(view.target)
         right = any(j == target and f.class_id == view.target.class_id for f, j in zip(found, hits))
@@ -105,15 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", default="all", choices=["all", "val", "train"])
     p.add_argument("--max-frames", type=int, default=None, help="the first N of those frames, for smoke runs")
     p.add_argument("--min-score", type=float, default=None, help="default: the checkpoint's score_threshold")
+    p.add_argument("--min-probability", type=float, default=None,
+                   help="the classifier probability a box must reach (default: the checkpoint's min_probability)")
     p.add_argument("--no-flip-test", dest="flip_test", action="store_false",
                    help="one look at each frame, without averaging it with its mirror image (as served)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--sweep", action="store_true",
                    help="also print precision, recall and end-to-end at score thresholds 0.20-0.70 (one pass)")
     p.add_argument("--choose-threshold", action="store_true",
-                   help="take the sweep's balanced threshold (the highest lesser of precision and recall; ties: "
-                        "the higher threshold), report at it, and store it in the "
-                        "checkpoint as the service's default min_score (inference.score_threshold); implies --sweep")
+                   help="take the score threshold and probability floor (PROBABILITY_FLOORS) with the most "
+                        "recall at precision >= MIN_PRECISION (else the balanced pair), report at them, and store "
+                        "both in the checkpoint as the service's defaults (inference.score_threshold, "
+                        "inference.min_probability); implies --sweep")
     p.add_argument("--zooms", default="", help="also score zoom views at these factors, e.g. 1,2,3,4: windows of "
                    "the frames around each sign scaled back to the frame's size (training/scale_views.py)")
     p.add_argument("--close-ups", type=int, default=0, metavar="N",
@@ -136,37 +151,55 @@ def main(argv: list[str] | None = None) -> int:
     frames = split_frames(read_ground_truth(args.data_root), args.frames)[:args.max_frames]
     folder = Path(args.data_root) / "gtsdb" / "images"
 
-    seconds = []
-    evaluated = []  # (signs found down to 0.05, the frame's true signs)
-    for frame in frames:
-        with Image.open(folder / frame.name) as image:
-            truths = frame.signs
-            if args.photo_scale:
-                k = args.photo_scale
-                image = image.resize((round(image.width * k), round(image.height * k)), Image.Resampling.BILINEAR)
-                truths = [type(s)(tuple(v * k for v in s.box), s.class_id) for s in truths]
-            started = time.perf_counter()
-            evaluated.append((find_signs(image, detector, classifier, min_score=min(0.05, min_score),
-                                         flip_test=args.flip_test), truths))
-            seconds.append(time.perf_counter() - started)
+    def run_frames(min_probability: float) -> tuple[list, list[float]]:
+        """(signs found down to 0.05 under scene_rule at `min_probability`, the frame's true signs) per
+        frame, and the seconds each took."""
+        seconds, evaluated = [], []
+        for frame in frames:
+            with Image.open(folder / frame.name) as image:
+                truths = frame.signs
+                if args.photo_scale:
+                    k = args.photo_scale
+                    image = image.resize((round(image.width * k), round(image.height * k)), Image.Resampling.BILINEAR)
+                    truths = [type(s)(tuple(v * k for v in s.box), s.class_id) for s in truths]
+                started = time.perf_counter()
+                evaluated.append((find_signs(image, detector, classifier, min_score=min(0.05, min_score),
+                                             flip_test=args.flip_test, min_probability=min_probability), truths))
+                seconds.append(time.perf_counter() - started)
+        return evaluated, seconds
+
+    min_probability = args.min_probability if args.min_probability is not None else \
+        detector.inference.get("min_probability", 0.0)
+    if args.choose_threshold:
+        # one pass with every box the classifier's own rule names, then each floor as a filter on it
+        evaluated, _ = run_frames(0.0)
+        grid = {}
+        for floor in PROBABILITY_FLOORS:
+            kept = [([f for f in found if f.probability >= floor], truths) for found, truths in evaluated]
+            grid.update({(floor, t): point for t, point in sweep_points(kept).items()})
+        min_probability, _ = operating_point(grid, MIN_PRECISION)
+        for floor in PROBABILITY_FLOORS:
+            print(f"min_probability {floor:.2f}: " + ", ".join(f"{t:.2f} {grid[floor, t][0]:.3f}/{grid[floor, t][1]:.3f}"
+                                                           for t in SWEEP[:5]) + " (min_score precision/recall)")
+    evaluated, seconds = run_frames(min_probability)
     low_threshold = [([(f.box, f.score) for f in found], [s.box for s in truths]) for found, truths in evaluated]
     if args.sweep or args.choose_threshold:
+        print(f"at min_probability {min_probability:.2f}:")
         print(f"{'min_score':>9}{'precision':>11}{'recall':>8}{'end-to-end':>12}")
-        points = {}
-        for threshold in SWEEP:
-            at = detection_summary(low_threshold, threshold)
+        points = sweep_points(evaluated)
+        for threshold, (precision, recall) in points.items():
             right = scored_at(evaluated, threshold)[0]
-            points[threshold] = (at["precision"], at["recall"])
-            print(f"{threshold:>9.2f}{at['precision']:>11.4f}{at['recall']:>8.4f}{right / max(1, at['signs']):>12.4f}")
+            print(f"{threshold:>9.2f}{precision:>11.4f}{recall:>8.4f}{right / max(1, sum(len(t) for _, t in evaluated)):>12.4f}")
         if args.choose_threshold:
-            min_score = balanced_threshold(points)
-            store_threshold(Path(args.checkpoint), min_score)
-            print(f"stored score_threshold {min_score:.2f} (precision and recall at least "
-                  f"{min(points[min_score]):.4f}) in {args.checkpoint}")
+            _, min_score = operating_point({(min_probability, t): v for t, v in points.items()}, MIN_PRECISION)
+            store_threshold(Path(args.checkpoint), min_score, min_probability)
+            print(f"stored score_threshold {min_score:.2f} and min_probability {min_probability:.2f} (precision and "
+                  f"recall at least {min(points[min_score]):.4f}) in {args.checkpoint}")
     named, per_sign = scored_at(evaluated, min_score)
     summary = detection_summary(low_threshold, min_score)
     signs = summary["signs"]
-    print(f"detector {args.checkpoint} (score >= {min_score:.2f}), named by {classifier.name}; "
+    print(f"detector {args.checkpoint} (score >= {min_score:.2f}), named by {classifier.name} (probability >= "
+          f"{min_probability:.2f}); "
           f"{len(frames)} frames, {signs} signs")
     print(f"{'signs':<24}{'count':>7}{'found':>7}{'recall':>9}")
     rows = [(f"group {name}", [s for s in per_sign if s[0] == g]) for g, name in enumerate(GROUPS)]
@@ -177,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<24}{len(subset):>7}{found:>7}{found / max(1, len(subset)):>9.3f}")
     result = {"precision": summary["precision"], "recall": summary["recall"], "map50": summary["map50"],
               "end_to_end": named / signs if signs else 0.0, "frames": len(frames), "signs": signs,
-              "min_score": min_score, "classifier": classifier.name, "flip_test": args.flip_test,
+              "min_score": min_score, "min_probability": min_probability, "classifier": classifier.name,
+              "flip_test": args.flip_test,
               "seconds_per_frame_median": sorted(seconds)[len(seconds) // 2] if seconds else 0.0}
     print(f"precision {result['precision']:.4f} recall {result['recall']:.4f} AP@0.5 {result['map50']:.4f} "
           f"end-to-end {result['end_to_end']:.4f} ({named}/{signs} found and named right); "
@@ -185,14 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     views: dict[str, dict] = {}
     for zoom in [float(z) for z in args.zooms.split(",") if z.strip()]:
         views[f"zoom {zoom:g}x"] = score_views(zoom_views(frames, folder, zoom), detector, classifier, min_score,
-                                              args.flip_test)
+                                              args.flip_test, min_probability)
     if args.close_ups:
         crops = gtsrb_test_crops(args.data_root, args.close_ups)
-        views["close-ups"] = score_views(map(close_up, crops), detector, classifier, min_score, args.flip_test)
+        views["close-ups"] = score_views(map(close_up, crops), detector, classifier, min_score, args.flip_test,
+                                         min_probability)
     if args.crops:
         crops = gtsrb_test_crops(args.data_root, args.crops)
         views["crops"] = score_views((close_up(c, None) for c in crops), detector, classifier, min_score,
-                                     args.flip_test)
+                                     args.flip_test, min_probability)
     if views:
         print(f"{'views':<14}{'count':>6}{'named right':>13}{'precision':>11}{'one box':>9}   named right by sign width")
         for label, scored in views.items():

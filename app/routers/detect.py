@@ -14,7 +14,7 @@ from app.routers.requests import multipart_openapi, parse_query, read_uploads, s
 from app.schemas.detect import DetectQuery, DetectResponse, FrameResult, Sign
 from app.schemas.health import ErrorResponse
 from app.service import Service
-from models.scene import name_signs, score_threshold
+from models.scene import name_signs, scene_rule, score_threshold
 
 router = APIRouter(prefix="/v1", tags=["detect"])
 
@@ -80,7 +80,8 @@ async def detect(request: Request) -> DetectResponse:
         return await submit_in_chunks(classifier, crops, service, deadline)
 
     found = await name_signs(scenes, find, name, detector_pre=detector.loaded.preprocessing,
-                             classifier_pre=classifier.loaded.preprocessing, rule=classifier.rule,
+                             classifier_pre=classifier.loaded.preprocessing,
+                             rule=scene_rule(classifier.rule, detector.loaded),
                              min_score=query.min_score if query.min_score is not None else
                              score_threshold(detector.loaded))
     service.metrics.prediction_duration.labels(detector.name).observe(time.perf_counter() - started)
