@@ -51,8 +51,8 @@ def detect_parser(sub) -> None:
                    help="runtime request as SIGNSERVE_BACKEND (default: its value, else auto: the fastest "
                         "that passes parity, chosen once per machine and cached)")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes that each hold the models and take whole chunks of frames (default: one "
-                        "per core, at most 4; 1 runs them in this process)")
+                   help="processes that each hold the models and take whole chunks of frames (default 1: "
+                        "the models run in this process on every core; each worker takes ~5 s to start)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: the cores shared out among the workers)")
     p.add_argument("--shard", default=None, metavar="I/N", help="only this task's share of the files: I of N")

@@ -154,7 +154,7 @@ def test_csv_output_and_shards_merge(inputs, checkpoint_snapshot, tmp_path):
     for index in range(2):
         result = signserve("detect", str(inputs / "photos"), "-o", str(tmp_path / f"results.shard-{index}-of-2.csv"),
                            "--shard", f"{index}/2", "--checkpoint-dir", str(checkpoint_snapshot),
-                           "--backend", "torch", "--no-progress", "--workers", "1")  # in-process (the others: 2)
+                           "--backend", "torch", "--no-progress", "--workers", "2")  # worker processes (the others: in-process)
         assert result.returncode == 0, result.stderr
     merged = signserve("merge", str(output), "--shards", "2")
     assert merged.returncode == 0, merged.stderr
