@@ -132,3 +132,13 @@ def test_hard_negative_windows_are_centred_on_the_mined_boxes():
         image, targets = sampler.sample()
         assert image.float().mean() > 0  # the window holds the mined region
         assert targets["mask"].sum() == 0  # and no sign: everything there is to be left dark
+
+
+def test_the_operating_point_is_the_most_recall_at_the_wanted_precision():
+    from training.detection_metrics import operating_point
+
+    grid = {(0.0, 0.25): (0.82, 0.99), (0.0, 0.35): (0.89, 0.90), (0.95, 0.25): (0.944, 0.958),
+            (0.95, 0.30): (0.957, 0.930), (0.98, 0.30): (0.970, 0.901), (0.98, 0.35): (0.970, 0.901)}
+    assert operating_point(grid, 0.95) == (0.95, 0.30)
+    assert operating_point(grid, 0.96) == (0.98, 0.35)  # equal recall: the stricter point
+    assert operating_point(grid, 0.99) == (0.95, 0.25)  # none that precise: the highest lesser figure
