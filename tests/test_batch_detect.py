@@ -26,7 +26,7 @@ from models.gtsrb import default_data_root
 
 ROOT = Path(__file__).resolve().parent.parent
 GTSDB = Path(default_data_root()) / "gtsdb" / "images"
-FRAMES = ["00500.jpg", "00501.jpg", "00502.jpg", "00505.jpg"]
+FRAMES = ["00500.jpg", "00501.jpg", "00502.jpg", "00507.jpg"]
 
 
 def signserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@
 const MAX_FILES_PER_REQUEST = 64;  // the service's default limit; larger selections go in several requests
 const TOP_K = 5;
 let detectorName = null;
+let boxNamers = new Set();  // the models /v1/detect can name boxes with (an ensemble cannot)
 
 const $ = (selector) => document.querySelector(selector);
 const modelSelect = $("#model");
@@ -48,6 +49,7 @@ async function loadModels() {
   const { models, default: best } = await response.json();
   const detector = models.find((m) => m.kind === "detector");
   detectorName = detector ? detector.name : null;
+  boxNamers = new Set(models.filter((m) => m.kind === "classifier").map((m) => m.name));
   modelSelect.replaceChildren(...models.filter((m) => m.kind !== "detector").map((m) => el("option", {
     value: m.name, text: `${m.name} (${m.members ? m.members.join(" + ") : m.architecture}, ` +
       `${(100 * (m.test_accuracy ?? 0)).toFixed(2)}% test)`,
@@ -142,6 +144,7 @@ async function classify(files) {
   results.replaceChildren();
   setStatus(`Recognising ${files.length} image${files.length > 1 ? "s" : ""} with ${model}…`);
   const cards = new Array(files.length);
+  let namedBy = model;
   const all = files.map((f, i) => i);
   const crops = detectorName ? [] : all;
   const photos = detectorName ? all : [];
@@ -153,7 +156,10 @@ async function classify(files) {
     }
     for (let start = 0; start < photos.length; start += MAX_FILES_PER_REQUEST) {
       const idx = photos.slice(start, start + MAX_FILES_PER_REQUEST);
-      const body = await post(`/v1/detect?classifier=${encodeURIComponent(model)}`, idx.map((i) => files[i]));
+      // the selected model names the boxes when it can; otherwise the service's default namer does
+      const query = boxNamers.has(model) ? `?classifier=${encodeURIComponent(model)}` : "";
+      const body = await post(`/v1/detect${query}`, idx.map((i) => files[i]));
+      namedBy = body.classifier;
       body.results.forEach((result, k) => { cards[idx[k]] = sceneCard(files[idx[k]], result); });
     }
   } catch (err) {
@@ -162,7 +168,7 @@ async function classify(files) {
   }
   results.append(...cards);
   const images = `${files.length} image${files.length > 1 ? "s" : ""}`;
-  setStatus(photos.length ? `${images} searched for signs by ${detectorName}, named by ${model}.`
+  setStatus(photos.length ? `${images} searched for signs by ${detectorName}, named by ${namedBy}.`
                           : `${images} classified by ${model}.`);
 }
 
