@@ -163,3 +163,15 @@ def test_evaluate_prints_json_last(one_epoch_run):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"accuracy", "loss", "n"} and report["n"] == len(list_samples(default_data_root(), "test"))
     assert 0 <= report["accuracy"] <= 1
+
+
+def test_bf16_autocast_is_chosen_where_the_hardware_has_it():
+    import torch
+
+    from training.train import use_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_bf16("auto", cpu, {"avx2", "avx512_bf16"}) and use_bf16("auto", cpu, {"amx_bf16"})
+    assert not use_bf16("auto", cpu, {"avx2", "avx512f"})
+    assert use_bf16("auto", cuda, set())
+    assert not use_bf16("fp32", cuda, {"avx512_bf16"}) and use_bf16("bf16", cpu, set())

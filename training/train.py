@@ -30,6 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from models.architectures import (ARCHITECTURES, KIND_OF_ARCHITECTURE, PretrainedWeightsUnavailable, build_model,
                                   count_parameters)
+from models.backends import cpu_flags, native_bf16
 from models.checkpoint import make_checkpoint
 from models.classes import CLASS_NAMES
 from models.input_sizes import DEFAULT_INPUT_SIZE
@@ -82,6 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test-samples", type=int, default=None, help="random subset for smoke runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast for the forward passes; auto: on CUDA and on CPUs with native bf16")
     p.add_argument("--half-checkpoint", action="store_true", help="store weights in fp16 (half the file)")
     p.add_argument("--resume", action="store_true", help="continue from <name>.state.pt if it exists")
     p.add_argument("--no-calibrate", action="store_true",
@@ -181,6 +184,15 @@ def create_model(args, device: torch.device) -> tuple[nn.Module, str]:
     return model.to(device, memory_format=torch.channels_last), start_label
 
 
+def use_bf16(precision: str, device: torch.device, flags: set[str] | None = None) -> bool:
+    """bf16 autocast (weights and optimizer stay fp32, no loss scaling needed): ~2x the training images/s
+    on CUDA and on CPUs with native bf16 (resnet18 at 80x80 on 2 AVX-512 bf16 cores: 279 against 116)."""
+    if precision != "auto":
+        return precision == "bf16"
+    flags = cpu_flags() if flags is None else flags
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16(flags))
+
+
 def steps_per_epoch(samples: int, batch_size: int, world: int) -> int:
     """Optimizer steps per epoch on each rank: its share of the samples in batches of batch_size / world."""
     return math.ceil(math.ceil(samples / world) / max(1, batch_size // world))
@@ -232,13 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         loop.restore()
     trained = distributed(model, world, device)
+    autocast = use_bf16(args.precision, device)
+    eval_autocast = autocast and device.type == "cuda"  # on the CPU the logged figures are those served (fp32)
     log(f"model {args.model} ({count_parameters(model):,} parameters, start {start_label}, init "
         f"{args.init}) on {device}{' x' + str(world) if world > 1 else ''}; train {len(train)} / test {len(test)} "
-        f"images at {pre.input_size}x{pre.input_size}; optimizer {args.optimizer} lr {args.lr} batch {args.batch_size}")
+        f"images at {pre.input_size}x{pre.input_size}; optimizer {args.optimizer} lr {args.lr} batch {args.batch_size}; "
+        f"{'bf16 autocast' if autocast else 'fp32'}")
 
     train_images, train_labels = train.images.to(device), train.labels.to(device)
     sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    autocast = device.type == "cuda"  # bf16 mixed precision on CUDA: ~2x faster, no loss scaling needed
 
     def train_epoch(epoch: int) -> dict | None:
         # Same permutation on every rank, padded so that every rank runs the same number of steps.
@@ -252,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         if running is None:
             return None
         shard = (rank, world)
-        train_m = (evaluate(trained, train, pre, device, autocast=autocast, shard=shard)
+        train_m = (evaluate(trained, train, pre, device, autocast=eval_autocast, shard=shard)
                    if args.train_metrics == "full" else running)
-        test_m = evaluate(trained, test, pre, device, autocast=autocast, shard=shard)
+        test_m = evaluate(trained, test, pre, device, autocast=eval_autocast, shard=shard)
         return {"train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
                 "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"]}
 
