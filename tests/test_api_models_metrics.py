@@ -10,7 +10,7 @@ from PIL import Image
 from models.checkpoint import file_sha256, metrics_csv, safe_load, served_checkpoints
 
 MODEL_FIELDS = {"name", "kind", "architecture", "parameters", "input_size", "test_accuracy", "validation",
-                "score_threshold", "epochs", "start_weights", "checkpoint_sha256", "device", "backend",
+                "score_threshold", "min_probability", "epochs", "start_weights", "checkpoint_sha256", "device", "backend",
                 "members", "calibration"}
 
 
@@ -44,6 +44,7 @@ def test_models_list_describes_every_checkpoint(checkpoint_snapshot, client):
         if info["kind"] == "detector":
             assert info["validation"]["val_map50"] == ckpt["metrics"][-1]["val_map50"]
             assert info["score_threshold"] == ckpt["inference"]["score_threshold"]
+            assert info["min_probability"] == ckpt["inference"]["min_probability"]
         assert info["start_weights"] == ckpt["start_weights"]
         assert info["checkpoint_sha256"] == file_sha256(checkpoint_snapshot / f"{info['name']}.pt")
         assert info["parameters"] > 100_000

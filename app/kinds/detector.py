@@ -96,4 +96,5 @@ class DetectorKind(ModelKind):
     def describe(self, served: ServedModel) -> dict:
         loaded = served.loaded
         return {"validation": {k: v for k, v in loaded.metrics[-1].items() if k.startswith("val_")}
-                if loaded.metrics else None, "score_threshold": loaded.inference.get("score_threshold")}
+                if loaded.metrics else None, "score_threshold": loaded.inference.get("score_threshold"),
+                "min_probability": loaded.inference.get("min_probability")}

@@ -75,6 +75,9 @@ class ModelInfo(BaseModel):
     validation: dict[str, float] | None = Field(None, description="detector: precision, recall and AP@0.5 "
                                                                   "on the validation frames after the last epoch")
     score_threshold: float | None = Field(None, description="detector: the default min_score of /v1/detect")
+    min_probability: float | None = Field(None, description="detector: the classifier probability below which "
+                                                            "/v1/detect drops a found box (chosen with "
+                                                            "score_threshold)")
     epochs: int = Field(..., description="epochs trained")
     start_weights: str = Field(..., description="random, or imagenet for a fine-tuned torchvision model")
     checkpoint_sha256: str
