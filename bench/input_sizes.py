@@ -1,5 +1,7 @@
 """What an input size costs: training and inference images/s of each classifier at the sizes worth
-considering, on this machine's CPU (or GPU), torch fp32 NHWC as the trainer and evaluation run them.
+considering, on this machine's CPU (or GPU), torch NHWC as the trainer and evaluation run them: training
+steps in the precision the trainer chooses here (`--precision auto`: bf16 autocast on CUDA and on CPUs
+with native bf16), inference in fp32.
 
     python -m bench.input_sizes                     # cnn at 32/48/64, resnet18 at 64/80/96
     python -m bench.input_sizes --batch-size 64 --steps 4
@@ -18,12 +20,13 @@ import torch.nn.functional as F
 
 from models.architectures import build_model
 from models.classes import NUM_CLASSES
+from training.train import use_bf16
 
 SIZES = {"cnn": (32, 48, 64), "resnet18": (64, 80, 96)}
 
 
 def images_per_second(architecture: str, size: int, batch_size: int, steps: int,
-                      device: torch.device) -> tuple[float, float]:
+                      device: torch.device, autocast: bool = False) -> tuple[float, float]:
     """(training step, inference) images/s: SGD steps with backward, then eval-mode forwards."""
     torch.manual_seed(0)
     model = build_model(architecture, input_size=size).to(device, memory_format=torch.channels_last)
@@ -32,7 +35,9 @@ def images_per_second(architecture: str, size: int, batch_size: int, steps: int,
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -61,14 +66,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-images", type=int, default=39209, help="for the epoch-time column")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="of the training steps, as training.train's flag")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print(f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    autocast = use_bf16(args.precision, device)
+    print(f"{device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"training in {'bf16 autocast' if autocast else 'fp32'}")
     print("| model | input | training images/s | epoch of the train split | inference images/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for architecture, sizes in SIZES.items():
         for size in sizes:
-            train, infer = images_per_second(architecture, size, args.batch_size, args.steps, device)
+            train, infer = images_per_second(architecture, size, args.batch_size, args.steps, device, autocast)
             print(f"| {architecture} | {size}x{size} | {train:.0f} | {args.train_images / train:.0f} s | {infer:.0f} |",
                   flush=True)
 
