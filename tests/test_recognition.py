@@ -16,7 +16,7 @@ from models.gtsrb import default_data_root, load_split
 
 GTSDB = f"{default_data_root()}/gtsdb"
 SERVED = ("cnn", "resnet18", ENSEMBLE_NAME)
-RIGHT_AMONG_RECOGNIZED = {"cnn": 0.995, ENSEMBLE_NAME: 0.995, "resnet18": 0.991}
+RIGHT_AMONG_RECOGNIZED = {"cnn": 0.995, ENSEMBLE_NAME: 0.995, "resnet18": 0.994}
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,13 @@ def test_models_list_the_ensemble_with_its_accuracy_and_every_calibration(client
         if name != ENSEMBLE_NAME:  # the ensemble has no uncalibrated "before"
             assert c["test_ece_before"] > 0.03 and c["test_nll"] < c["test_nll_before"], name
         # the target, 99.5 % right among the recognised, holds for the models served by default (the
-        # ensemble for /v1/predict, the cnn naming /v1/detect's boxes); resnet18 alone misses it at
-        # 99.17 %, as docs/calibration.md states
+        # ensemble for /v1/predict, the cnn naming /v1/detect's boxes); resnet18 alone reaches 99.498 %,
+        # a hair under it, as docs/calibration.md states
         assert c["test_recognized"] >= 0.98 and c["test_accuracy_recognized"] >= RIGHT_AMONG_RECOGNIZED[name], name
         assert c["background_rejected"] >= 0.95, name
-    # the ensemble is the default exactly when it beat both members on validation data
+    # the ensemble is the default exactly when it is at least as accurate as both members on validation data
     best_single = max(models[n]["calibration"]["validation_accuracy"] for n in ("cnn", "resnet18"))
-    wins = models[ENSEMBLE_NAME]["calibration"]["validation_accuracy"] > best_single
+    wins = models[ENSEMBLE_NAME]["calibration"]["validation_accuracy"] >= best_single - 1e-9
     assert (body["default"] == ENSEMBLE_NAME) == wins
 
 
