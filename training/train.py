@@ -186,7 +186,8 @@ def create_model(args, device: torch.device) -> tuple[nn.Module, str]:
 
 def use_bf16(precision: str, device: torch.device, flags: set[str] | None = None) -> bool:
     """bf16 autocast (weights and optimizer stay fp32, no loss scaling needed): ~2x the training images/s
-    on CUDA and on CPUs with native bf16 (resnet18 at 80x80 on 2 AVX-512 bf16 cores: 258 against 102, bench.input_sizes)."""
+    on CUDA and on CPUs with native bf16 (resnet18 at 80x80 on 2 AVX-512 bf16 cores: 258 against 102,
+    bench.input_sizes)."""
     if precision != "auto":
         return precision == "bf16"
     flags = cpu_flags() if flags is None else flags
