@@ -175,9 +175,10 @@ class InputDecoder:
 
 class SceneDecoder:
     """A whole photo for a model that looks at the scene (a detector): RGB, upright, its long side
-    `max_side` (None: full size; a smaller photo is enlarged toward it, models.preprocessing.scene_size). JPEGs are reduced while decoded (DCT scaling, no more than keeps the
-    long side >= max_side), anything else after decoding, by an integer box filter then an
-    anti-aliased bilinear resize to the exact size."""
+    `max_side` (None: full size; a smaller photo is enlarged toward it, models.preprocessing.scene_size).
+    JPEGs are reduced while decoded (DCT scaling, no more than keeps the long side >= max_side),
+    anything else after decoding, by an integer box filter then an anti-aliased bilinear resize to
+    the exact size."""
 
     def __init__(self, max_side: int | None) -> None:
         if max_side is not None and max_side < 1:

@@ -171,8 +171,7 @@ def run_detect(args: argparse.Namespace) -> int:
             def fresh(chunk: list[Frame]) -> list[Frame]:
                 return [f for f in chunk if f.scene is not None and f.key not in done]
 
-            for chunk, answered in answerer.answered(chunks(pending()), fresh):
-                answers = dict(zip((id(f) for f in fresh(chunk)), answered))
+            for chunk, answers in answerer.answered(chunks(pending()), fresh):
                 for frame in chunk:
                     path = str(frame.path)
                     if frame.index is not None and args.tracks is not None and path not in tracked:

@@ -25,10 +25,10 @@ import torch
 from app.engine import choose_backend
 from app.kinds import kind_of
 from app.kinds.base import Handler
-from models.backends import BackendRecord
 from app.schemas.detect import Sign
 from app.settings import Settings
 from batch.frames import Frame
+from models.backends import BackendRecord
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
 from models.scene import name_signs, scene_rule, score_threshold
 
@@ -49,8 +49,6 @@ class Models:
     @property
     def runtimes(self) -> dict[str, str]:
         return {self.detector.name: self.find.backend, self.classifier.name: self.name.backend}
-
-
 
 
 def load_models(checkpoint_dir: Path, classifier: str | None, backend: str, threads: int,
@@ -141,6 +139,10 @@ def _answer_in_worker(frames: list[Frame], min_score: float | None) -> list[list
     return answer(_worker_models, frames, min_score)
 
 
+def by_frame(frames: list[Frame], answers: list[list[dict]]) -> dict[int, list[dict]]:
+    return dict(zip((id(f) for f in frames), answers))
+
+
 class Answerer:
     """Answers chunks of frames in order: here (one worker) or in worker processes, each holding
     the models, with a chunk per worker and one more in flight so no worker waits for the next."""
@@ -152,23 +154,26 @@ class Answerer:
             initargs=(checkpoint_dir, models.classifier.name, models.records, threads))
         self.in_flight = workers + 1
 
-    def answered(self, chunks: Iterator[list[Frame]], fresh) -> Iterator[tuple[list[Frame], list[list[dict]]]]:
-        """(chunk, answers for fresh(chunk)) per chunk, in the order of `chunks`."""
+    def answered(self, chunks: Iterator[list[Frame]], fresh) -> Iterator[tuple[list[Frame], dict[int, list[dict]]]]:
+        """(chunk, {id(frame): its signs} for the frames of fresh(chunk)) per chunk, in the order of `chunks`."""
         if self.pool is None:
             for chunk in chunks:
                 todo = fresh(chunk)
-                yield chunk, answer(self.models, todo, self.min_score) if todo else []
+                yield chunk, by_frame(todo, answer(self.models, todo, self.min_score) if todo else [])
             return
-        pending: deque[tuple[list[Frame], Future | None]] = deque()
+        pending: deque[tuple[list[Frame], list[Frame], Future | None]] = deque()
         for chunk in chunks:
             todo = fresh(chunk)
-            pending.append((chunk, self.pool.submit(_answer_in_worker, todo, self.min_score) if todo else None))
+            pending.append((chunk, todo, self.pool.submit(_answer_in_worker, todo, self.min_score) if todo else None))
             if len(pending) >= self.in_flight:
-                done, future = pending.popleft()
-                yield done, future.result() if future else []
+                yield self._result(pending.popleft())
         while pending:
-            done, future = pending.popleft()
-            yield done, future.result() if future else []
+            yield self._result(pending.popleft())
+
+    @staticmethod
+    def _result(item: tuple[list[Frame], list[Frame], Future | None]) -> tuple[list[Frame], dict[int, list[dict]]]:
+        chunk, todo, future = item
+        return chunk, by_frame(todo, future.result() if future else [])
 
     def close(self) -> None:
         if self.pool is not None:

@@ -47,7 +47,8 @@ class FoundSign:
 @dataclass(frozen=True)
 class Scene:
     """A photo ready for the pipeline: `image` RGB and upright, sized for the detector
-    (models.preprocessing.scene_size); `original_size` the upload's upright (width, height), which the answers' boxes use."""
+    (models.preprocessing.scene_size); `original_size` the upload's upright (width, height), which
+    the answers' boxes use."""
 
     image: Image.Image
     original_size: tuple[int, int]

@@ -40,6 +40,11 @@ def read_hard_negatives(path: str | Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
+def to_json(negatives: list[dict]) -> str:
+    """A JSON array with one box per line: a diff of a re-mined file reads box by box."""
+    return "[\n" + ",\n".join(json.dumps(n) for n in negatives) + "\n]\n"
+
+
 def mine(detector, frames, folder: Path, min_score: float, max_iou: float) -> list[dict]:
     pre = detector.preprocessing
     detector.model.to(memory_format=torch.channels_last)
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     detector = load_checkpoint(args.checkpoint)
     frames = split_frames(read_ground_truth(args.data_root), "train")[:args.max_frames]
     negatives = mine(detector, frames, Path(args.data_root) / "gtsdb" / "images", args.min_score, args.max_iou)
-    atomic_write_text(json.dumps(negatives, indent=0) + "\n", args.output)
+    atomic_write_text(to_json(negatives), args.output)
     print(f"{len(negatives)} hard negatives in {len(frames)} training frames "
           f"(score >= {args.min_score}, IoU < {args.max_iou} with every sign) -> {args.output}")
     return 0
