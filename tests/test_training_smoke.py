@@ -136,9 +136,54 @@ def test_zero_init_learns_only_the_class_prior(tmp_path):
     assert all(float(p.detach().abs().sum()) == 0 for p in loaded.model.features.parameters() if p.ndim == 4)
 
 
-def test_epochs_above_20_are_refused(tmp_path):
-    result = train("--model", "cnn", "--epochs", "21", "--output", str(tmp_path / "x.pt"), check=False)
-    assert result.returncode != 0 and "between 1 and 20" in result.stderr
+def test_epochs_above_the_bound_are_refused(tmp_path):
+    result = train("--model", "cnn", "--epochs", "61", "--output", str(tmp_path / "x.pt"), check=False)
+    assert result.returncode != 0 and "between 1 and 60" in result.stderr
+
+
+def test_model_ema_averages_weights_and_batchnorm_statistics():
+    import torch
+    from torch import nn
+
+    from training.utils import model_ema
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = model_ema(model, decay=0.9)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update_parameters(model)
+    averaged = ema.module.state_dict()
+    assert torch.allclose(averaged["0.weight"], 0.9 * first["0.weight"] + 0.1 * model[0].weight)
+    assert torch.allclose(averaged["1.running_mean"], 0.9 * first["1.running_mean"] + 0.1 * 2.0)
+
+
+def test_model_ema_run_checkpoints_the_average_and_resumes_it(tmp_path):
+    import torch
+
+    from models.checkpoint import safe_load
+
+    ema = ["--model-ema", "--model-ema-decay", "0.5", "--train-metrics", "running"]
+    full = tmp_path / "full" / "cnn.pt"
+    train("--model", "cnn", "--epochs", "3", "--output", str(full), *ema, *TINY)
+    parted = tmp_path / "parted" / "cnn.pt"
+    first = train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--stop-after-epochs", "2", *ema, *TINY,
+                  check=False)
+    assert first.returncode == 99, first.stderr
+    train("--model", "cnn", "--epochs", "3", "--output", str(parted), "--resume", *ema, *TINY)
+
+    rows, reference = read_csv(parted.with_suffix(".metrics.csv")), read_csv(full.with_suffix(".metrics.csv"))
+    assert list(rows[0]) == [*FIELDS[:-1], "online_test_accuracy", "seconds"]
+    for a, b in zip(rows, reference, strict=True):  # the average was restored with the rest of the state
+        for key in ("test_loss", "test_accuracy", "online_test_accuracy"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), (key, a, b)
+    state = safe_load(full.with_suffix(".state.pt"))
+    served = load_checkpoint(full).model.state_dict()
+    average = {k.removeprefix("module."): v for k, v in state["model_ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(served[k].float(), average[k].float()) for k in served)
+    assert any(not torch.equal(served[k].float(), state["model"][k].float()) for k in served if "weight" in k)
 
 
 def test_pretrained_resnet_offline_stops_with_instructions(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@
 Outputs, next to --output (default $SIGNSERVE_CHECKPOINT_DIR/<model>.pt, else models/checkpoints/<model>.pt):
   <name>.pt           servable checkpoint (models/checkpoint.py), rewritten atomically after each epoch
   <name>.metrics.csv  epoch,train_loss,train_accuracy,test_loss,test_accuracy,seconds
+                      (+ online_test_accuracy with --model-ema: the test figures are then the average's)
   <name>.log          every line this script printed, appended across resumed runs
   <name>.state.pt     optimizer/scheduler/RNG state for --resume
 
@@ -26,12 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DistributedSampler
 
 from models.architectures import (ARCHITECTURES, KIND_OF_ARCHITECTURE, PretrainedWeightsUnavailable, build_model,
                                   count_parameters)
 from models.backends import cpu_flags, native_bf16
-from models.checkpoint import make_checkpoint
+from models.checkpoint import METRIC_FIELDS, make_checkpoint, unwrap
 from models.classes import CLASS_NAMES
 from models.input_sizes import DEFAULT_INPUT_SIZE
 from models.paths import checkpoint_dir, default_data_root
@@ -42,10 +44,11 @@ from training.evaluate import evaluate
 from training.metrics import LossAccuracy
 from training.sam import SAM
 from training.loop import Loop, RunFiles, distributed, init_weights, make_scheduler, parameter_groups, run_epochs
-from training.utils import (Logger, Preemption, describe_machine, progress_bar, setup_distributed,
+from training.utils import (Logger, Preemption, describe_machine, model_ema, progress_bar, setup_distributed,
                             teardown_distributed)
 
-MAX_EPOCHS = 20
+DEFAULT_EPOCHS = 20
+MAX_EPOCHS = 60  # a bound against typos; the longest recipe in docs/training.md is 24
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsrb/ (env GTSRB_ROOT)")
     p.add_argument("--output", help="checkpoint path (default: <model>.pt in $SIGNSERVE_CHECKPOINT_DIR, else "
                                     "in models/checkpoints)")
-    p.add_argument("--epochs", type=int, default=MAX_EPOCHS, help=f"1..{MAX_EPOCHS}")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"1..{MAX_EPOCHS}")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size, split over DDP ranks")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per optimizer)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw", "sam"])
@@ -75,6 +78,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="train on the plain images")
     p.add_argument("--random-erasing", type=float, default=0.0, metavar="P",
                    help="per image, the probability of covering a random rectangle with noise (occlusion)")
+    p.add_argument("--model-ema", action="store_true",
+                   help="evaluate, checkpoint and serve an exponential moving average of the weights and "
+                        "BatchNorm statistics instead of the last step's")
+    p.add_argument("--model-ema-decay", type=float, default=0.999,
+                   help="per optimizer step; 0.999 weighs the last ~1,000 steps (~3 GTSRB epochs at batch 128)")
     p.add_argument("--equalize", action="store_true", help="histogram-equalise each image's luminance")
     p.add_argument("--train-metrics", default="full", choices=["full", "running"],
                    help="full: an eval-mode pass over the train split each epoch; running: the training "
@@ -112,8 +120,9 @@ def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, args, device, autocast,
-                    preemption: Preemption, progress) -> dict | None:
-    """One pass over `order` (this rank's sample indices). None when preempted mid-epoch."""
+                    preemption: Preemption, progress, ema: AveragedModel | None = None) -> dict | None:
+    """One pass over `order` (this rank's sample indices); `ema` follows every step. None when preempted
+    mid-epoch."""
     model.train()
     per_rank_batch = max(1, args.batch_size // args.world_size)
     totals = LossAccuracy(device)
@@ -143,6 +152,8 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, arg
         else:
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         totals.update(logits, y)
         if progress is not None:
             progress.update(1)
@@ -152,6 +163,8 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, order, pre, arg
 def resolve_args(args) -> None:
     if not 1 <= args.epochs <= MAX_EPOCHS:
         raise SystemExit(f"--epochs must be between 1 and {MAX_EPOCHS}, got {args.epochs}")
+    if not 0 < args.model_ema_decay < 1:
+        raise SystemExit(f"--model-ema-decay must lie strictly between 0 and 1, got {args.model_ema_decay}")
     if not 0 <= args.random_erasing <= 1:
         raise SystemExit(f"--random-erasing is a probability in [0, 1], got {args.random_erasing}")
     if args.weights and args.start_weights == "random":
@@ -235,13 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     train_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
     train_args["machine"] = describe_machine(device, world)
 
+    ema = model_ema(model, args.model_ema_decay) if args.model_ema else None
+    shipped = ema.module if ema is not None else model  # the weights evaluated, checkpointed and served
+
     def checkpoint(metrics: list[dict]) -> dict:
-        return make_checkpoint(model, architecture=args.model, class_names=list(CLASS_NAMES), preprocessing=pre,
+        return make_checkpoint(shipped, architecture=args.model, class_names=list(CLASS_NAMES), preprocessing=pre,
                                start_weights=start_label, metrics=metrics, train_args=train_args, data=data_info,
                                half=args.half_checkpoint)
 
     loop = Loop(args.model, files, log, rank, world, device, model, optimizer, scheduler, args.epochs, checkpoint,
-                stop_after_epochs=args.stop_after_epochs)
+                stop_after_epochs=args.stop_after_epochs,
+                csv_fields=(*METRIC_FIELDS[:-1], "online_test_accuracy", "seconds") if ema is not None else None,
+                extra_state={"model_ema": (ema.state_dict, ema.load_state_dict)} if ema is not None else {})
     if args.resume:
         loop.restore()
     trained = distributed(model, world, device)
@@ -250,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {args.model} ({count_parameters(model):,} parameters, start {start_label}, init "
         f"{args.init}) on {device}{' x' + str(world) if world > 1 else ''}; train {len(train)} / test {len(test)} "
         f"images at {pre.input_size}x{pre.input_size}; optimizer {args.optimizer} lr {args.lr} batch {args.batch_size}; "
-        f"{'bf16 autocast' if autocast else 'fp32'}")
+        f"{'bf16 autocast' if autocast else 'fp32'}"
+        f"{f'; weights averaged (EMA {args.model_ema_decay})' if ema is not None else ''}")
 
     train_images, train_labels = train.images.to(device), train.labels.to(device)
     sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
@@ -261,17 +280,23 @@ def main(argv: list[str] | None = None) -> int:
         order = torch.tensor(list(sampler), device=device)
         progress = progress_bar(steps, epoch, rank == 0 and sys.stdout.isatty())
         running = train_one_epoch(trained, optimizer, scheduler, train_images, train_labels, order, pre, args,
-                                  device, autocast, preemption, progress)
+                                  device, autocast, preemption, progress, ema)
         if progress is not None:
             progress.close()
         if running is None:
             return None
+        if ema is not None and epoch <= args.warmup_epochs:
+            ema.n_averaged.fill_(0)  # the average starts over after the warm-up (as torchvision's references)
         shard = (rank, world)
-        train_m = (evaluate(trained, train, pre, device, autocast=eval_autocast, shard=shard)
+        train_m = (evaluate(shipped, train, pre, device, autocast=eval_autocast, shard=shard)
                    if args.train_metrics == "full" else running)
-        test_m = evaluate(trained, test, pre, device, autocast=eval_autocast, shard=shard)
-        return {"train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
-                "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"]}
+        test_m = evaluate(shipped, test, pre, device, autocast=eval_autocast, shard=shard)
+        figures = {"train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
+                   "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"]}
+        if ema is not None:  # the last step's weights, for comparison
+            figures["online_test_accuracy"] = evaluate(trained, test, pre, device, autocast=eval_autocast,
+                                                       shard=shard)["accuracy"]
+        return figures
 
     status = run_epochs(loop, train_epoch, preemption)
     metrics = loop.metrics

@@ -1,5 +1,5 @@
 """What a training run needs around the model, as torchvision's references keep it in utils.py:
-distributed set-up, preemption signals, logging, and a description of the machine."""
+distributed set-up, preemption signals, logging, a description of the machine and the weights' moving average."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 EXIT_PREEMPTED = 99  # the exit status of a run stopped by a signal; Slurm's batch script requeues on it
 
@@ -101,3 +103,9 @@ def describe_machine(device: torch.device, world: int) -> str:
             pass
         name = f"CPU {name}, {torch.get_num_threads()} threads"
     return f"{world} x {name}" if world > 1 else name
+
+
+def model_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of `model`'s weights and BatchNorm statistics, to update after each
+    optimizer step: an ensemble of the last ~1 / (1 - decay) steps' weights at the cost of one model."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
