@@ -24,6 +24,7 @@ def curves(metrics: list[dict]) -> tuple[tuple[int, ...], Series, Series]:
 
     losses = series(("train loss", "train_loss"), ("test loss", "test_loss"))
     scores = series(("train accuracy", "train_accuracy"), ("test accuracy", "test_accuracy"),
+                    ("test accuracy, last step", "online_test_accuracy"),
                     ("val precision", "val_precision"), ("val recall", "val_recall"), ("val AP@0.5", "val_map50"))
     return epochs, losses, scores
 
@@ -34,7 +35,7 @@ def training_curves_png(epochs: tuple[int, ...], losses: Series, scores: Series,
         fig = Figure(figsize=(9, 3.6), dpi=100, layout="constrained")
         loss_ax, score_ax = fig.subplots(1, 2)
         for ax, panel, scale in ((loss_ax, losses, 1), (score_ax, scores, 100)):
-            for (label, values), marker in zip(panel, "os^dv"):
+            for (label, values), marker in zip(panel, "os^dvx"):
                 ax.plot(epochs, [scale * v for v in values], f"{marker}-", label=label)
         loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
         score_ax.set(xlabel="epoch", ylabel="%", title="accuracy" if any("accuracy" in s[0] for s in scores)

@@ -250,9 +250,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 def metrics_csv(metrics: list[dict], fields: tuple[str, ...] | None = None) -> str:
     """The per-epoch metrics as CSV text; columns `fields`, by default METRIC_FIELDS for a
-    classifier and the first row's keys for any other model."""
+    classifier (with online_test_accuracy before the seconds when it was trained with a weight average)
+    and the first row's keys for any other model."""
     if fields is None:
-        fields = METRIC_FIELDS if not metrics or "test_accuracy" in metrics[0] else tuple(metrics[0])
+        if not metrics or "test_accuracy" in metrics[0]:
+            online = ("online_test_accuracy",) if metrics and "online_test_accuracy" in metrics[0] else ()
+            fields = (*METRIC_FIELDS[:-1], *online, METRIC_FIELDS[-1])
+        else:
+            fields = tuple(metrics[0])
     lines = [",".join(fields)]
     for m in metrics:
         lines.append(",".join(f"{m[k]:.6f}" if isinstance(m[k], float) else str(m[k]) for k in fields))

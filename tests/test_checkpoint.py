@@ -105,6 +105,17 @@ def test_metrics_csv_has_the_six_columns():
     assert text.splitlines()[1].startswith("1,1.500000,0.600000,1.700000,0.550000,")
 
 
+def test_metrics_csv_adds_the_last_steps_accuracy_of_a_weight_averaged_run():
+    from app.plots import curves
+
+    averaged = [{**METRICS[0], "online_test_accuracy": 0.5}]
+    lines = metrics_csv(averaged).splitlines()
+    assert lines[0] == "epoch,train_loss,train_accuracy,test_loss,test_accuracy,online_test_accuracy,seconds"
+    assert lines[1].startswith("1,1.500000,0.600000,1.700000,0.550000,0.500000,")
+    _, _, scores = curves(averaged)
+    assert dict(scores)["test accuracy, last step"] == (0.5,) and dict(scores)["test accuracy"] == (0.55,)
+
+
 def test_saved_files_are_world_readable_like_a_plain_open(tmp_path):
     # mkstemp would leave 0600: a container's non-root user could not read a mounted checkpoint.
     _, ckpt = _checkpoint()

@@ -33,7 +33,7 @@ from torch.utils.data import DistributedSampler
 from models.architectures import (ARCHITECTURES, KIND_OF_ARCHITECTURE, PretrainedWeightsUnavailable, build_model,
                                   count_parameters)
 from models.backends import cpu_flags, native_bf16
-from models.checkpoint import METRIC_FIELDS, make_checkpoint, unwrap
+from models.checkpoint import make_checkpoint, unwrap
 from models.classes import CLASS_NAMES
 from models.input_sizes import DEFAULT_INPUT_SIZE
 from models.paths import checkpoint_dir, default_data_root
@@ -48,7 +48,7 @@ from training.utils import (Logger, Preemption, describe_machine, model_ema, pro
                             teardown_distributed)
 
 DEFAULT_EPOCHS = 20
-MAX_EPOCHS = 60  # a bound against typos; the longest recipe in docs/training.md is 24
+MAX_EPOCHS = 60  # a bound against typos
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -258,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
 
     loop = Loop(args.model, files, log, rank, world, device, model, optimizer, scheduler, args.epochs, checkpoint,
                 stop_after_epochs=args.stop_after_epochs,
-                csv_fields=(*METRIC_FIELDS[:-1], "online_test_accuracy", "seconds") if ema is not None else None,
                 extra_state={"model_ema": (ema.state_dict, ema.load_state_dict)} if ema is not None else {})
     if args.resume:
         loop.restore()

@@ -101,7 +101,10 @@ class EpochMetrics(BaseModel):
     train_loss: float
     train_accuracy: float | None = None
     test_loss: float | None = None
-    test_accuracy: float | None = None
+    test_accuracy: float | None = Field(None, description="of the weights the checkpoint holds (with a weight "
+                                                         "average, the average's)")
+    online_test_accuracy: float | None = Field(None, description="trained with a weight average: the last "
+                                                                "step's weights' test accuracy")
     val_precision: float | None = None
     val_recall: float | None = None
     val_map50: float | None = Field(None, description="AP at IoU 0.5, every sign one class")
