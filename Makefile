@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= cnn
-EPOCHS ?= $(if $(filter detector,$(MODEL)),32,20)  # the shipped models' schedules
+EPOCHS ?= $(if $(filter detector,$(MODEL)),32,20)  # the trainers' defaults; docs/training.md has the shipped runs'
 ARGS   ?=
 
 .PHONY: setup test test-container serve train evaluate bench detect-cluster container-up container-down clean
