@@ -43,7 +43,7 @@ def test_shipped_resnet18_says_it_started_from_random_weights():
 
 
 # What the README promises for each shipped model on the real test split (4,001 images).
-PROMISED_ACCURACY = {"cnn": 0.995, "resnet18": 0.99}
+PROMISED_ACCURACY = {"cnn": 0.995, "resnet18": 0.996}
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
