@@ -37,7 +37,8 @@ def detect_parser(sub) -> None:
     p.add_argument("paths", nargs="+", type=Path, help="image files, folders (searched recursively), video files")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="results file: JSON lines (.jsonl), or CSV (.csv: one row per sign)")
-    p.add_argument("--classifier", help="checkpoint name that names the boxes (default: the most accurate)")
+    p.add_argument("--classifier", help="checkpoint name that names the boxes (default: as /v1/detect, the one "
+                                        "the detector's operating point was chosen with)")
     p.add_argument("--min-score", type=float, default=None,
                    help="keep boxes whose detector score is at least this (default: the detector's threshold)")
     p.add_argument("--fps", type=float, default=None, help="video frames per second to look at (default: every frame)")

@@ -30,7 +30,7 @@ from app.settings import Settings
 from batch.frames import Frame
 from models.backends import BackendRecord
 from models.checkpoint import LoadedModel, load_checkpoint, served_checkpoints
-from models.scene import name_signs, scene_rule, score_threshold
+from models.scene import default_namer, name_signs, scene_rule, score_threshold
 
 log = logging.getLogger("signserve")
 
@@ -53,9 +53,9 @@ class Models:
 
 def load_models(checkpoint_dir: Path, classifier: str | None, backend: str, threads: int,
                 records: dict[str, BackendRecord] | None = None) -> Models:
-    """The first detector in `checkpoint_dir` and `classifier` (default: as /v1/detect, the box-naming
-    classifier with the highest test accuracy), each on its chosen runtime (`records`: the runtimes
-    another process chose, by model name)."""
+    """The first detector in `checkpoint_dir` and `classifier` (default: as /v1/detect, the one the
+    detector's operating point was chosen with, else the most accurate), each on its chosen runtime
+    (`records`: the runtimes another process chose, by model name)."""
     loaded = [load_checkpoint(p, name=p.stem) for p in served_checkpoints(checkpoint_dir)]
     detectors = [m for m in loaded if kind_of(m).finds_boxes]
     namers = {m.name: m for m in loaded if kind_of(m).names_boxes}
@@ -66,7 +66,7 @@ def load_models(checkpoint_dir: Path, classifier: str | None, backend: str, thre
                          f"one of: {', '.join(namers) or 'none'}")
     if not namers:
         raise SystemExit(f"no classifier checkpoint in {checkpoint_dir} to name the boxes")
-    namer = namers[classifier] if classifier else max(namers.values(), key=lambda m: m.test_accuracy or 0.0)
+    namer = namers[classifier or default_namer(detectors[0], {n: m.test_accuracy for n, m in namers.items()})]
     settings = Settings(checkpoint_dir=checkpoint_dir)
     handlers, chosen = [], {}
     for model in (detectors[0], namer):

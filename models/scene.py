@@ -74,6 +74,16 @@ def score_threshold(detector: LoadedModel) -> float:
     return detector.inference.get("score_threshold", DEFAULT_SCORE_THRESHOLD)
 
 
+def default_namer(detector: LoadedModel, accuracies: dict[str, float | None]) -> str | None:
+    """The classifier that names the detector's boxes when none is asked for, among `accuracies` (name ->
+    test accuracy): the one its operating point was chosen with (stored by training.evaluate_detection),
+    since the probability floor is that classifier's; else the most accurate."""
+    tuned = detector.inference.get("classifier")
+    if tuned in accuracies:
+        return tuned
+    return max(accuracies, key=lambda name: accuracies[name] or 0.0, default=None)
+
+
 def scene_rule(rule: RecognitionRule, detector: LoadedModel, min_probability: float | None = None) -> RecognitionRule:
     """The rule a box found in a photo is named under: the classifier's, with its top-1 probability
     at least `min_probability` (default: the one the detector's evaluation chose with its score

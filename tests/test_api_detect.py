@@ -34,7 +34,8 @@ def test_street_frames_get_their_signs_boxed_and_named(client, val_frames):
     found = named = total = 0
     for name, data, signs in val_frames[:12]:
         body = detect(client, (name, data))
-        assert body["model"] == "detector" and body["classifier"]
+        # named by the classifier the detector's operating point was chosen with, not the most accurate
+        assert body["model"] == "detector" and body["classifier"] == "cnn"
         [result] = body["results"]
         assert (result["filename"], result["width"], result["height"]) == (name, 1360, 800)
         scores = [s["score"] for s in result["signs"]]

@@ -201,3 +201,22 @@ def test_flip_test_sees_a_mirrored_frame_as_the_mirror_of_the_frame(checkpoint_s
     plain, plain_mirrored = (detect(shipped.model, p.unsqueeze(0), shipped.preprocessing, min_score=0.2,
                                     flip_test=False, pyramid=(1.0,))[0] for p in (pixels, pixels.flip(-1)))
     assert [d.score for d in plain] != [d.score for d in plain_mirrored]
+
+
+def test_boxes_are_named_by_the_classifier_the_operating_point_was_chosen_with():
+    from types import SimpleNamespace
+
+    from models.scene import default_namer
+
+    tuned = SimpleNamespace(inference={"score_threshold": 0.3, "min_probability": 0.95, "classifier": "cnn"})
+    assert default_namer(tuned, {"cnn": 0.9968, "resnet18": 0.9978}) == "cnn"
+    # not served, or a detector whose operating point records none: the most accurate
+    assert default_namer(tuned, {"resnet18": 0.9978, "other": 0.99}) == "resnet18"
+    untuned = SimpleNamespace(inference={})
+    assert default_namer(untuned, {"cnn": 0.9968, "resnet18": 0.9978}) == "resnet18"
+    assert default_namer(untuned, {}) is None
+
+
+def test_the_shipped_detector_records_the_classifier_of_its_operating_point():
+    loaded = load_checkpoint(Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "detector.pt")
+    assert loaded.inference["classifier"] == "cnn"

@@ -74,7 +74,7 @@ def test_shipped_detector_is_compact_and_scores_what_it_recorded_on_the_validati
     # what README.md and docs/detector.md state (the pipeline drops boxes the classifier does not
     # recognise, so its AP is the detector's recorded one or better)
     assert report["map50"] >= loaded.metrics[-1]["val_map50"] - 0.01, report
-    # README: boxes named by the cnn (the service's default namer, the most accurate classifier) at
+    # README: boxes named by the cnn (the default namer: the operating point was chosen with it) at
     # the stored operating point: precision 0.957 (66/69), recall and end-to-end 0.930 (66/71), with
     # the flip test; one sign either way is allowed for another CPU's rounding near the threshold
     assert (report["min_score"], report["min_probability"]) == (0.30, 0.95) and report["flip_test"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from models.checkpoint import LoadedModel, atomic_save, load_checkpoint, safe_load, served_checkpoints
 from models.detector import GROUPS, group_of
-from models.scene import find_signs
+from models.scene import default_namer, find_signs
 from models.gtsrb import PROJECT_ROOT, default_data_root
 from training.detection_metrics import detection_summary, match, operating_point
 from models.gtsdb import read_ground_truth, split_frames
@@ -37,12 +37,13 @@ PROBABILITY_FLOORS = (0.0, 0.9, 0.95, 0.98)
 MIN_PRECISION = 0.95  # --choose-threshold: the most recall among the points this precise (detection_metrics)
 
 
-def store_threshold(path: Path, score_threshold: float, min_probability: float) -> None:
-    """Write the service's default min_score and the probability floor of its scene rule
-    (models.scene.scene_rule) into a detector checkpoint (atomically, nothing else changes)."""
+def store_threshold(path: Path, score_threshold: float, min_probability: float, classifier: str) -> None:
+    """Write the service's default min_score, the probability floor of its scene rule
+    (models.scene.scene_rule) and the classifier they were chosen with (models.scene.default_namer)
+    into a detector checkpoint (atomically, nothing else changes)."""
     checkpoint = safe_load(path)
     checkpoint["inference"] = {**checkpoint.get("inference", {}), "score_threshold": score_threshold,
-                               "min_probability": min_probability}
+                               "min_probability": min_probability, "classifier": classifier}
     atomic_save(checkpoint, path)
 
 
@@ -52,13 +53,14 @@ def sweep_points(evaluated: list) -> dict[float, tuple[float, float]]:
     return {t: (lambda at: (at["precision"], at["recall"]))(detection_summary(low, t)) for t in SWEEP}
 
 
-def naming_classifier(directory: Path) -> LoadedModel:
-    """The classifier checkpoint in `directory` with the highest final test accuracy: the one the
-    service names boxes with by default."""
-    classifiers = [m for m in map(load_checkpoint, served_checkpoints(directory)) if m.kind == "classifier"]
+def naming_classifier(detector: LoadedModel, directory: Path) -> LoadedModel:
+    """The classifier checkpoint in `directory` that the service names the detector's boxes with by
+    default (models.scene.default_namer)."""
+    classifiers = {p.stem: load_checkpoint(p, name=p.stem) for p in served_checkpoints(directory)}
+    classifiers = {name: m for name, m in classifiers.items() if m.kind == "classifier"}
     if not classifiers:
         raise SystemExit(f"no classifier checkpoint in {directory} to name the boxes; pass --classifier")
-    return max(classifiers, key=lambda m: m.test_accuracy or 0.0)
+    return classifiers[default_namer(detector, {name: m.test_accuracy for name, m in classifiers.items()})]
 
 
 def scored_at(evaluated: list, min_score: float) -> tuple[int, list[tuple[int, float, bool]]]:
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=str(PROJECT_ROOT / "models" / "checkpoints" / "detector.pt"))
     p.add_argument("--classifier", default=None,
                    help="the checkpoint that names each box (default: as /v1/detect, the classifier beside "
-                        "--checkpoint with the highest test accuracy)")
+                        "--checkpoint that its operating point was chosen with, else the most accurate)")
     p.add_argument("--data-root", default=default_data_root(), help="folder holding gtsdb/ (env GTSRB_ROOT)")
     p.add_argument("--frames", default="all", choices=["all", "val", "train"])
     p.add_argument("--max-frames", type=int, default=None, help="the first N of those frames, for smoke runs")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     detector = load_checkpoint(args.checkpoint)
-    classifier = load_checkpoint(args.classifier) if args.classifier else naming_classifier(Path(args.checkpoint).parent)
+    classifier = load_checkpoint(args.classifier) if args.classifier else naming_classifier(detector, Path(args.checkpoint).parent)
     for loaded in (detector, classifier):
         loaded.model.to(memory_format=torch.channels_last)  # as served: faster convolutions on the CPU
     min_score = args.min_score if args.min_score is not None else detector.inference.get("score_threshold", 0.3)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{threshold:>9.2f}{precision:>11.4f}{recall:>8.4f}{right / max(1, sum(len(t) for _, t in evaluated)):>12.4f}")
         if args.choose_threshold:
             _, min_score = operating_point({(min_probability, t): v for t, v in points.items()}, MIN_PRECISION)
-            store_threshold(Path(args.checkpoint), min_score, min_probability)
+            store_threshold(Path(args.checkpoint), min_score, min_probability, classifier.name)
             print(f"stored score_threshold {min_score:.2f} and min_probability {min_probability:.2f} (precision and "
                   f"recall at least {min(points[min_score]):.4f}) in {args.checkpoint}")
     named, per_sign = scored_at(evaluated, min_score)

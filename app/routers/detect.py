@@ -14,7 +14,7 @@ from app.routers.requests import multipart_openapi, parse_query, read_uploads, s
 from app.schemas.detect import DetectQuery, DetectResponse, FrameResult, Sign
 from app.schemas.health import ErrorResponse
 from app.service import Service
-from models.scene import name_signs, scene_rule, score_threshold
+from models.scene import default_namer, name_signs, scene_rule, score_threshold
 
 router = APIRouter(prefix="/v1", tags=["detect"])
 
@@ -62,7 +62,9 @@ async def detect(request: Request) -> DetectResponse:
         namers = [n for n, m in service.models.items() if names_boxes(m)]
         raise HTTPException(422, f"{query.classifier!r} cannot name boxes; classifier= takes one of "
                                  f"{', '.join(namers)}")
-    classifier = get_served_model(service, query.classifier, names_boxes, role="box-naming model")
+    namers = {n: m.test_accuracy for n, m in service.models.items() if names_boxes(m)}
+    classifier = get_served_model(service, query.classifier or default_namer(detector.loaded, namers), names_boxes,
+                                  role="box-naming model")
     settings = service.settings
     with detector.batcher.expecting():
         uploads = await read_uploads(request, settings)

@@ -11,7 +11,8 @@ class DetectQuery(BaseModel):
     """The query parameters of POST /v1/detect (others are ignored)."""
 
     classifier: str | None = Field(None, description="the classifier that names each box, a name from "
-                                                       "/v1/models; default: the most accurate")
+                                                       "/v1/models; default: the one the detector's "
+                                                       "operating point was chosen with, else the most accurate")
     min_score: float | None = Field(None, ge=DETECTION_FLOOR, le=1, description="keep boxes whose detector "
                                     "score is at least this; default: the threshold chosen on validation frames")
 
