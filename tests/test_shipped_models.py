@@ -11,6 +11,7 @@ from models.checkpoint import load_checkpoint
 from models.paths import default_data_root
 from models.gtsrb import list_samples
 from models.gtsdb import read_ground_truth, split_frames
+from training.train import MAX_EPOCHS
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "models" / "checkpoints"
@@ -29,7 +30,7 @@ def test_shipped_checkpoint_is_complete_and_compact(name, max_mb):
     assert path.stat().st_size < max_mb * 2**20
     loaded = load_checkpoint(path)
     assert loaded.architecture == name and len(loaded.class_names) == 43
-    assert 1 <= len(loaded.metrics) <= 20
+    assert 1 <= len(loaded.metrics) <= MAX_EPOCHS
     # trained on (a copy of) this GTSRB training split and tested on this test split
     assert 0 < loaded.data["train_samples"] <= len(list_samples(default_data_root(), "train"))
     assert loaded.data["test_samples"] == len(list_samples(default_data_root(), "test"))

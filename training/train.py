@@ -44,8 +44,8 @@ from training.evaluate import evaluate
 from training.metrics import LossAccuracy
 from training.sam import SAM
 from training.loop import Loop, RunFiles, distributed, init_weights, make_scheduler, parameter_groups, run_epochs
-from training.utils import (Logger, Preemption, describe_machine, model_ema, progress_bar, setup_distributed,
-                            teardown_distributed)
+from training.utils import (Logger, Preemption, broadcast_buffers, describe_machine, model_ema, progress_bar,
+                            setup_distributed, teardown_distributed)
 
 DEFAULT_EPOCHS = 20
 MAX_EPOCHS = 60  # a bound against typos
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     train_args["machine"] = describe_machine(device, world)
 
     ema = model_ema(model, args.model_ema_decay) if args.model_ema else None
-    shipped = ema.module if ema is not None else model  # the weights evaluated, checkpointed and served
+    shipped = ema.module if ema is not None else model  # the weights checkpointed and served
 
     def checkpoint(metrics: list[dict]) -> dict:
         return make_checkpoint(shipped, architecture=args.model, class_names=list(CLASS_NAMES), preprocessing=pre,
@@ -286,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             return None
         if ema is not None and epoch <= args.warmup_epochs:
             ema.n_averaged.fill_(0)  # the average starts over after the warm-up (as torchvision's references)
+        # Evaluated through DDP, every rank uses rank 0's BatchNorm statistics, as the checkpoint does;
+        # the average's statistics follow each rank's own, so rank 0's are copied to the others.
+        evaluated = trained if ema is None else broadcast_buffers(ema.module, world)
         shard = (rank, world)
-        train_m = (evaluate(shipped, train, pre, device, autocast=eval_autocast, shard=shard)
+        train_m = (evaluate(evaluated, train, pre, device, autocast=eval_autocast, shard=shard)
                    if args.train_metrics == "full" else running)
-        test_m = evaluate(shipped, test, pre, device, autocast=eval_autocast, shard=shard)
+        test_m = evaluate(evaluated, test, pre, device, autocast=eval_autocast, shard=shard)
         figures = {"train_loss": train_m["loss"], "train_accuracy": train_m["accuracy"],
                    "test_loss": test_m["loss"], "test_accuracy": test_m["accuracy"]}
         if ema is not None:  # the last step's weights, for comparison

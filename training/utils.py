@@ -109,3 +109,11 @@ def model_ema(model: nn.Module, decay: float) -> AveragedModel:
     """An exponential moving average of `model`'s weights and BatchNorm statistics, to update after each
     optimizer step: an ensemble of the last ~1 / (1 - decay) steps' weights at the cost of one model."""
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def broadcast_buffers(module: nn.Module, world: int) -> nn.Module:
+    """`module` with rank 0's buffers (BatchNorm statistics) on every rank."""
+    if world > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+    return module
