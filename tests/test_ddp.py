@@ -27,8 +27,8 @@ FIGURES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 pytestmark = pytest.mark.slow
 
 
-def run(launcher: list[str], out: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([*launcher, "-m", "training.train", *FLAGS, "--output", str(out)], cwd=ROOT,
+def run(launcher: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([*launcher, "-m", "training.train", *FLAGS, *extra, "--output", str(out)], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -42,9 +42,11 @@ def rows(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("ddp")
-    outs = {"one": base / "one" / "cnn.pt", "two": base / "two" / "cnn.pt"}
+    outs = {"one": base / "one" / "cnn.pt", "two": base / "two" / "cnn.pt", "two_ema": base / "two_ema" / "cnn.pt"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     run([sys.executable], outs["one"])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], outs["two"])
+    run(torchrun, outs["two"])
+    run(torchrun, outs["two_ema"], "--model-ema", "--model-ema-decay", "0.9")
     return outs
 
 
@@ -63,12 +65,13 @@ def test_two_processes_give_the_metrics_of_one_with_the_same_global_batch(runs):
     assert two[-1]["train_loss"] < two[0]["train_loss"] and one[-1]["train_loss"] < one[0]["train_loss"]
 
 
-def test_ddp_metrics_cover_every_sample_once(runs):
-    """The checkpoint written by rank 0, evaluated by one process on the full subsets, gives the
-    figures that the two ranks computed on their halves and all-reduced."""
-    loaded = load_checkpoint(runs["two"])
+@pytest.mark.parametrize("run_name", ["two", "two_ema"])
+def test_ddp_metrics_cover_every_sample_once(runs, run_name):
+    """The checkpoint written by rank 0 (with --model-ema, the average), evaluated by one process on the
+    full subsets, gives the figures that the two ranks computed on their halves and all-reduced."""
+    loaded = load_checkpoint(runs[run_name])
     pre = Preprocessing(input_size=32)
-    last = rows(runs["two"])[-1]
+    last = rows(runs[run_name])[-1]
     for split, n in (("train", TRAIN_SAMPLES), ("test", TEST_SAMPLES)):
         data = load_split(default_data_root(), split, pre, n=n, seed=0)
         result = evaluate(loaded.model, data, loaded.preprocessing, loaded.device)
