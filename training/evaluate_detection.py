@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     detector = load_checkpoint(args.checkpoint)
-    classifier = load_checkpoint(args.classifier) if args.classifier else naming_classifier(detector, Path(args.checkpoint).parent)
+    classifier = (load_checkpoint(args.classifier) if args.classifier
+                  else naming_classifier(detector, Path(args.checkpoint).parent))
     for loaded in (detector, classifier):
         loaded.model.to(memory_format=torch.channels_last)  # as served: faster convolutions on the CPU
     min_score = args.min_score if args.min_score is not None else detector.inference.get("score_threshold", 0.3)

@@ -58,11 +58,10 @@ async def detect(request: Request) -> DetectResponse:
     query = parse_query(request, DetectQuery)
     service = require_ready(request.app.state.service)
     detector = get_detector(service)
-    if query.classifier in service.models and not names_boxes(service.models[query.classifier]):
-        namers = [n for n, m in service.models.items() if names_boxes(m)]
+    namers = {n: m.test_accuracy for n, m in service.models.items() if names_boxes(m)}
+    if query.classifier in service.models and query.classifier not in namers:
         raise HTTPException(422, f"{query.classifier!r} cannot name boxes; classifier= takes one of "
                                  f"{', '.join(namers)}")
-    namers = {n: m.test_accuracy for n, m in service.models.items() if names_boxes(m)}
     classifier = get_served_model(service, query.classifier or default_namer(detector.loaded, namers), names_boxes,
                                   role="box-naming model")
     settings = service.settings
